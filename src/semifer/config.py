@@ -1,0 +1,217 @@
+"""Typed training configuration.
+
+A config is a tree of dataclasses. ``from_dict`` rejects unknown keys and
+wrong types with the dotted path of the offending key, so a typo never silently
+falls back to a default. The resolved config is written into the run directory
+before the first step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid."""
+
+
+@dataclass
+class DataConfig:
+    """Where images come from. Sources are ``FORMAT:PATH`` strings (``semifer formats``)."""
+
+    labeled: str = "synthetic:labeled"
+    unlabeled: list[str] = field(default_factory=lambda: ["synthetic:unlabeled"])
+    val: str = "synthetic:test"
+    image_size: int = 48
+    channels: int = 3
+    # Embedded demo data (used by the ``synthetic`` format only).
+    synthetic_seed: int = 0
+    synthetic_labeled_per_class: int = 25
+    synthetic_unlabeled: int = 6000
+    synthetic_test_per_class: int = 100
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "small_cnn"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SSLConfig:
+    """Semi-supervised algorithm and its threshold policy (see docs/method.md)."""
+
+    algorithm: str = "dtm"
+    mu: int = 3                    # unlabeled : labeled batch ratio
+    lambda_u: float = 1.0          # weight of the unlabeled loss
+    tau: float = 0.95              # base confidence threshold
+    teacher: Literal["ema", "self"] = "ema"   # who labels the weak view
+    ema_decay: float = 0.999
+    # FlexMatch / DTM learning status
+    status_mode: Literal["auto", "indexed", "streamed"] = "auto"
+    status_momentum: float = 0.999  # EMA momentum of per-batch counts (streamed mode)
+    threshold_warmup: bool = True   # never-confident samples count in the normaliser
+    # DTM only
+    tau_min: float = 0.7
+    tau_max: float = 0.95
+    warmup_steps: int = 0           # supervised-only stage before thresholds are active
+    ramp_steps: int = 0             # linear ramp of lambda_u after the warm-up
+    # FreeMatch only
+    freematch_momentum: float = 0.999
+    fairness_weight: float = 0.0    # FreeMatch self-adaptive fairness loss weight
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    schedule: Literal["cosine", "constant"] = "cosine"
+    lr_warmup_steps: int = 0
+    batch_size: int = 32            # labeled images per step (per process)
+    steps: int = 1000
+    imbalance: Literal["none", "logit_adjust", "class_balanced"] = "none"
+    amp: Literal["auto", "bf16", "off"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    eval_batch_size: int = 512
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _check_value(value: Any, tp: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, _path=path)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{path}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _check_value(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} does not match {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{path}: expected null")
+        return None
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        (arg,) = get_args(tp)
+        return [_check_value(v, arg, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict, _path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = _path or cls.__name__
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {k: _check_value(v, hints[k], f"{_path}.{k}" if _path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-dict form of a config (for YAML/JSON and comparisons)."""
+    return dataclasses.asdict(cfg)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursively merge ``override`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "backbone_args":
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``'ssl.tau=0.9'`` -> ``{'ssl': {'tau': 0.9}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw)
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> TrainConfig:
+    """Defaults <- ``base`` dict <- YAML file at ``path`` <- ``section.key=value`` overrides."""
+    data: dict = to_dict(TrainConfig())
+    if base:
+        data = merge(data, base)
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = merge(data, loaded)
+    for o in overrides or []:
+        data = merge(data, parse_override(o))
+    return from_dict(TrainConfig, data)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

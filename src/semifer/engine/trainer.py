@@ -1,0 +1,245 @@
+"""The training loop: one function, read top to bottom.
+
+It is the only place that knows about devices, precision, ranks, checkpoints and
+time. What a step computes belongs to the algorithm (``semifer.ssl``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from semifer import dist
+from semifer.config import OptimConfig, TrainConfig, to_dict
+from semifer.data.augment import strong_view, weak_view
+from semifer.data.formats import load_source
+from semifer.data.imageset import ImageSet, InMemorySource, step_generator
+from semifer.engine.checkpoint import atomic_save, load_checkpoint
+from semifer.engine.ema import ModelEMA
+from semifer.engine.rundir import prepare_run_dir
+from semifer.engine.runlog import RunLogger, to_plain
+from semifer.eval.evaluate import evaluate_model
+from semifer.labels import ABAW_LABELS, NUM_CLASSES
+from semifer.models import build_model
+from semifer.ssl import build_algorithm
+
+LAST = "checkpoints/last.pt"
+BEST = "checkpoints/best.pt"
+RESULTS = "results.json"
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns."""
+
+    run_dir: Path
+    algorithm: str
+    steps: int                  # steps completed so far
+    completed: bool             # reached cfg.optim.steps
+    best_step: int
+    best: dict                  # val scores of the best checkpoint (macro_f1, accuracy, per_class_f1, confusion)
+    wall_s: float               # training wall time summed over all resumptions
+    plots: list[Path] = field(default_factory=list)
+
+    @property
+    def macro_f1(self) -> float:
+        return float(self.best.get("macro_f1", float("nan")))
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.best.get("accuracy", float("nan")))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            import os
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it pays: on CUDA by default; on CPU only when asked ('bf16')."""
+    if setting == "off":
+        return None
+    if setting == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW; no weight decay on biases and normalisation parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_at(cfg: OptimConfig, step: int) -> float:
+    """Learning rate at ``step``: linear warm-up, then constant or FixMatch's cosine (7/16 of a period)."""
+    if step < cfg.lr_warmup_steps:
+        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    return cfg.lr * math.cos(7 * math.pi * step / (16 * max(cfg.steps, 1)))
+
+
+def _concat(sets: list[ImageSet], name: str) -> ImageSet:
+    if len(sets) == 1:
+        return sets[0]
+    tl = None
+    if all(s.true_labels is not None for s in sets):
+        tl = torch.cat([s.true_labels for s in sets])
+    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), tl, name=name)
+
+
+def _labeled(data: ImageSet) -> ImageSet:
+    if (data.labels < 0).any():
+        raise ValueError(f"{data.name}: a labeled/val set holds unlabeled samples (label -1)")
+    return data
+
+
+def _save_training_state(path: Path, step: int, model, ema, algo, opt, best: dict, wall_s: float, cfg) -> None:
+    atomic_save({"step": step, "model": model.state_dict(), "ema": ema.module.state_dict(),
+                 "algorithm": algo.state_dict(), "optimizer": opt.state_dict(), "best": best,
+                 "wall_s": wall_s, "config": to_dict(cfg), "labels": list(ABAW_LABELS)}, path)
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
+    """Train (or resume) the run described by ``cfg``; returns the best checkpoint's scores.
+
+    Re-running with the same ``cfg.run.out`` resumes from the last checkpoint and
+    ends with exactly the weights an uninterrupted run would have. ``stop_after``
+    ends this invocation after that many steps (with a checkpoint), for time-sliced jobs.
+    """
+    dist.init_from_env()
+    rank, world = dist.rank(), dist.world_size()
+    device = resolve_device(cfg.run.device)
+    run_dir = prepare_run_dir(cfg, write=dist.is_main())
+    torch.manual_seed(cfg.run.seed)
+    amp = amp_dtype(cfg.optim.amp, device)
+    C = NUM_CLASSES
+
+    labeled = _labeled(load_source(cfg.data.labeled, cfg.data))
+    val = _labeled(load_source(cfg.data.val, cfg.data))
+    model = build_model(cfg.model, C, in_chans=cfg.data.channels).to(device)
+    ema = ModelEMA(model, cfg.ssl.ema_decay).to(device)
+    algo_cls_uses_unlabeled = _algorithm_uses_unlabeled(cfg.ssl.algorithm)
+    unlabeled = None
+    if algo_cls_uses_unlabeled:
+        unlabeled = _concat([load_source(s, cfg.data) for s in cfg.data.unlabeled], "unlabeled")
+    algo = build_algorithm(cfg.ssl, C, labeled.class_counts(C),
+                           num_unlabeled=len(unlabeled) if unlabeled is not None else None,
+                           imbalance=cfg.optim.imbalance).to(device)
+    opt = make_optimizer(cfg.optim, model)
+    lab_src = InMemorySource(labeled, cfg.optim.batch_size, cfg.run.seed, rank, world, stream=1)
+    unl_src = (InMemorySource(unlabeled, cfg.optim.batch_size * cfg.ssl.mu, cfg.run.seed, rank, world, stream=2)
+               if unlabeled is not None else None)
+
+    step, wall_s, best = 0, 0.0, {"macro_f1": -1.0, "step": -1}
+    last_path, best_path = run_dir / LAST, run_dir / BEST
+    if last_path.exists():
+        ck = load_checkpoint(last_path, map_location=device)
+        model.load_state_dict(ck["model"])
+        ema.module.load_state_dict(ck["ema"])
+        algo.load_state_dict(ck["algorithm"])
+        opt.load_state_dict(ck["optimizer"])
+        step, wall_s, best = int(ck["step"]), float(ck["wall_s"]), dict(ck["best"])
+    logger = RunLogger(run_dir, enabled=dist.is_main(), resume_step=step if step > 0 else None)
+    student: nn.Module = model
+    if world > 1:
+        student = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    teacher: nn.Module = student if cfg.ssl.teacher == "self" else ema
+    if step == 0:
+        logger.log({"kind": "info", "step": 0, "labeled": len(labeled), "val": len(val),
+                    "unlabeled": len(unlabeled) if unlabeled is not None else 0, "device": str(device),
+                    "world_size": world, "amp": str(amp)})
+
+    total = cfg.optim.steps
+    end = total if stop_after is None else min(total, step + stop_after)
+    bar = None
+    if cfg.run.progress and dist.is_main() and step < end:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=step, desc=f"{cfg.ssl.algorithm}", unit="step", dynamic_ncols=True)
+    model.train()
+    t0, images_seen, window_t = time.perf_counter(), 0, time.perf_counter()
+    while step < end:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg.optim, step)
+        lb = lab_src.batch(step)
+        gen = step_generator(cfg.run.seed, step, rank, 0, device)
+        batch = {"x_l": weak_view(lb["x"].to(device, non_blocking=True), gen), "y_l": lb["y"].to(device)}
+        if unl_src is not None and algo.wants_unlabeled(step):
+            ub = unl_src.batch(step)
+            xu = ub["x"].to(device, non_blocking=True)
+            batch.update(x_uw=weak_view(xu, gen), x_us=strong_view(xu, gen), idx_u=ub["idx"].to(device),
+                         y_u_true=ub["y_true"].to(device) if ub["y_true"] is not None else None)
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            loss, logs = algo.step(student, teacher, batch, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(model, step)
+        images_seen += sum(v.shape[0] for k, v in batch.items() if k.startswith("x_"))
+        step += 1
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.run.log_every == 0 or step == end:
+            now = time.perf_counter()
+            rec = {"kind": "train", "step": step, "lr": opt.param_groups[0]["lr"],
+                   "img_per_s": images_seen * world / max(now - window_t, 1e-9), **to_plain(logs)}
+            images_seen, window_t = 0, now
+            logger.log(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", **({"mask": f"{rec['mask_rate']:.2f}"} if "mask_rate" in rec else {}))
+        if step % cfg.run.eval_every == 0 or step == total:
+            scores = evaluate_model(ema.module, val.images, val.labels, batch_size=cfg.run.eval_batch_size,
+                                    device=device, amp_dtype=amp)
+            logger.log({"kind": "eval", "step": step, **scores})
+            if scores["macro_f1"] > best["macro_f1"]:
+                best = {**scores, "step": step}
+                if dist.is_main():
+                    atomic_save({"model": ema.module.state_dict(), "step": step, "scores": scores,
+                                 "config": to_dict(cfg), "labels": list(ABAW_LABELS)}, best_path)
+        if step % cfg.run.checkpoint_every == 0 or step == end:
+            elapsed = wall_s + time.perf_counter() - t0
+            if dist.is_main():
+                _save_training_state(last_path, step, model, ema, algo, opt, best, elapsed, cfg)
+    if bar is not None:
+        bar.close()
+    wall_s += time.perf_counter() - t0
+    completed = step >= total
+    plots: list[Path] = []
+    if dist.is_main():
+        if completed:
+            _write_results(run_dir, cfg, best, step, wall_s)
+        logger.log({"kind": "info", "step": step, "event": "end", "completed": completed, "wall_s": wall_s})
+        logger.close()
+        from semifer.engine.plots import write_plots
+        plots = write_plots(run_dir)
+    else:
+        logger.close()
+    return RunResult(run_dir, cfg.ssl.algorithm, step, completed, int(best.get("step", -1)),
+                     {k: v for k, v in best.items() if k != "step"}, wall_s, plots)
+
+
+def _algorithm_uses_unlabeled(name: str) -> bool:
+    from semifer.registry import ALGORITHMS
+    return bool(ALGORITHMS.get(name).uses_unlabeled)
+
+
+def _write_results(run_dir: Path, cfg: TrainConfig, best: dict, steps: int, wall_s: float) -> None:
+    out = {"algorithm": cfg.ssl.algorithm, "steps": steps, "wall_s": wall_s, "best_step": best.get("step"),
+           "macro_f1": best.get("macro_f1"), "accuracy": best.get("accuracy"),
+           "per_class_f1": best.get("per_class_f1"), "confusion": best.get("confusion")}
+    tmp = run_dir / (RESULTS + ".tmp")
+    tmp.write_text(json.dumps(to_plain(out), indent=2))
+    tmp.replace(run_dir / RESULTS)

@@ -1,0 +1,5 @@
+"""Backbones (registry) and the classifier that wraps them."""
+from semifer.models import backbones  # noqa: F401  (registers backbones)
+from semifer.models.classifier import Classifier, build_model
+
+__all__ = ["Classifier", "build_model", "backbones"]

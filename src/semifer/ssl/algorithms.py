@@ -1,0 +1,174 @@
+"""Training algorithms: what one step computes from a batch.
+
+An algorithm gets the student, the teacher and a batch of already-augmented views
+and returns a scalar loss plus tensors to log. It never touches the optimizer,
+the disk or the process group; all its memory is in buffers (via its policy).
+
+Batch keys: ``x_l`` (weak labeled view), ``y_l``; and, when ``wants_unlabeled``:
+``x_uw`` / ``x_us`` (weak / strong unlabeled views), ``idx_u`` (dataset indices
+or None for streamed sources), optionally ``y_u_true`` (hidden labels, synthetic
+data only, for pseudo-label accuracy diagnostics).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from semifer.config import SSLConfig
+from semifer.registry import ALGORITHMS, THRESHOLDS
+from semifer.ssl.losses import freematch_fairness_loss, masked_pseudo_label_loss, supervised_loss
+from semifer.ssl.thresholds import ThresholdPolicy, resolve_status_mode
+
+Logs = dict[str, torch.Tensor]
+
+
+class Algorithm(nn.Module):
+    """Base: supervised loss on the labeled batch only."""
+
+    uses_unlabeled = False
+
+    def __init__(self, cfg: SSLConfig, num_classes: int, labeled_counts: torch.Tensor,
+                 num_unlabeled: int | None = None, imbalance: str = "none") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.imbalance = imbalance
+        self.register_buffer("labeled_counts", labeled_counts.detach().clone().long())
+        self.policy: ThresholdPolicy | None = None
+
+    def unlabeled_weight(self, step: int) -> float:
+        """lambda_u at ``step`` (0 means the unlabeled batch is not needed)."""
+        return 0.0
+
+    def wants_unlabeled(self, step: int) -> bool:
+        return self.uses_unlabeled and self.unlabeled_weight(step) > 0
+
+    def labeled_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return supervised_loss(logits, y, self.labeled_counts, self.imbalance)
+
+    def step(self, student: nn.Module, teacher: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, Logs]:
+        loss = self.labeled_loss(student(batch["x_l"]), batch["y_l"])
+        return loss, {"loss": loss.detach(), "loss_x": loss.detach()}
+
+
+@ALGORITHMS.register("supervised")
+class Supervised(Algorithm):
+    """Labeled data only (the baseline every SSL method must beat)."""
+
+
+class PseudoLabelAlgorithm(Algorithm):
+    """FixMatch-style step: teacher labels the weak view, student learns the strong view.
+
+    loss = CE(labeled) + lambda_u(step) * mean(mask * CE(student(strong), pseudo)).
+    Subclasses choose the threshold policy.
+    """
+
+    uses_unlabeled = True
+
+    def __init__(self, cfg: SSLConfig, num_classes: int, labeled_counts: torch.Tensor,
+                 num_unlabeled: int | None = None, imbalance: str = "none") -> None:
+        super().__init__(cfg, num_classes, labeled_counts, num_unlabeled, imbalance)
+        self.policy = self.make_policy(cfg, num_classes, num_unlabeled)
+
+    def make_policy(self, cfg: SSLConfig, num_classes: int, num_unlabeled: int | None) -> ThresholdPolicy:
+        return THRESHOLDS.get("fixed")(num_classes, tau=cfg.tau)
+
+    def unlabeled_weight(self, step: int) -> float:
+        return self.cfg.lambda_u
+
+    def extra_loss(self, logits_us: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def step(self, student: nn.Module, teacher: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, Logs]:
+        lam = self.unlabeled_weight(step)
+        if lam <= 0:
+            return super().step(student, teacher, batch, step)
+        x_l, y_l, x_uw, x_us = batch["x_l"], batch["y_l"], batch["x_uw"], batch["x_us"]
+        n_l, n_u = x_l.shape[0], x_uw.shape[0]
+        if teacher is student:
+            # FixMatch proper: one forward over all views (shared BatchNorm statistics).
+            logits = student(torch.cat([x_l, x_uw, x_us]))
+            logits_l, logits_uw, logits_us = logits[:n_l], logits[n_l:n_l + n_u], logits[n_l + n_u:]
+            probs = logits_uw.detach().float().softmax(dim=1)
+        else:
+            logits = student(torch.cat([x_l, x_us]))
+            logits_l, logits_us = logits[:n_l], logits[n_l:]
+            with torch.no_grad():
+                probs = teacher(x_uw).float().softmax(dim=1)
+        self.policy.update(probs, batch.get("idx_u"))
+        mask, pseudo = self.policy.mask(probs, batch.get("idx_u"))
+        loss_x = self.labeled_loss(logits_l, y_l)
+        loss_u = masked_pseudo_label_loss(logits_us.float(), pseudo, mask)
+        loss = loss_x + lam * loss_u
+        extra = self.extra_loss(logits_us, mask)
+        if extra is not None:
+            loss = loss + extra
+        logs: Logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
+                      "mask_rate": mask.mean(), "lambda_u": torch.tensor(lam),
+                      "thresholds": self.policy.thresholds().detach().clone()}
+        accepted = mask.sum()
+        mix = torch.zeros(self.num_classes, device=mask.device).scatter_add_(0, pseudo, mask.float())
+        logs["pseudo_class_mix"] = mix / accepted.clamp_min(1.0)
+        if batch.get("y_u_true") is not None:
+            hit = (pseudo == batch["y_u_true"]).float() * mask
+            logs["pseudo_acc"] = hit.sum() / accepted.clamp_min(1.0)
+        return loss, logs
+
+
+@ALGORITHMS.register("fixmatch")
+class FixMatch(PseudoLabelAlgorithm):
+    """FixMatch (Sohn et al., 2020): one fixed threshold tau."""
+
+
+@ALGORITHMS.register("flexmatch")
+class FlexMatch(PseudoLabelAlgorithm):
+    """FlexMatch (Zhang et al., 2021): curriculum class-wise thresholds tau * M(beta(c))."""
+
+    def make_policy(self, cfg: SSLConfig, num_classes: int, num_unlabeled: int | None) -> ThresholdPolicy:
+        mode = resolve_status_mode(cfg.status_mode, num_unlabeled is not None)
+        return THRESHOLDS.get("flexmatch")(num_classes, tau=cfg.tau, mode=mode, num_samples=num_unlabeled,
+                                           momentum=cfg.status_momentum, warmup=cfg.threshold_warmup)
+
+
+@ALGORITHMS.register("freematch")
+class FreeMatch(PseudoLabelAlgorithm):
+    """FreeMatch (Wang et al., 2023): self-adaptive thresholds plus optional fairness loss."""
+
+    def make_policy(self, cfg: SSLConfig, num_classes: int, num_unlabeled: int | None) -> ThresholdPolicy:
+        return THRESHOLDS.get("freematch")(num_classes, momentum=cfg.freematch_momentum)
+
+    def extra_loss(self, logits_us: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg.fairness_weight <= 0:
+            return None
+        p = self.policy
+        return self.cfg.fairness_weight * freematch_fairness_loss(logits_us, mask, p.p_model, p.label_hist)
+
+
+@ALGORITHMS.register("dtm")
+class DTM(PseudoLabelAlgorithm):
+    """Dynamic threshold module (reconstruction of Yu et al., ABAW5 2023; docs/method.md).
+
+    Stage schedule: steps < warmup_steps are supervised only (the unlabeled batch is
+    not even drawn); then lambda_u ramps linearly over ramp_steps while class-wise
+    thresholds clip(tau * M(beta_t(c)), tau_min, tau_max) select pseudo-labels.
+    """
+
+    def make_policy(self, cfg: SSLConfig, num_classes: int, num_unlabeled: int | None) -> ThresholdPolicy:
+        mode = resolve_status_mode(cfg.status_mode, num_unlabeled is not None)
+        return THRESHOLDS.get("dtm")(num_classes, tau=cfg.tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
+                                     mode=mode, num_samples=num_unlabeled, momentum=cfg.status_momentum,
+                                     warmup=cfg.threshold_warmup)
+
+    def unlabeled_weight(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup_steps:
+            return 0.0
+        if c.ramp_steps <= 0:
+            return c.lambda_u
+        return c.lambda_u * min(1.0, (step - c.warmup_steps + 1) / c.ramp_steps)
+
+
+def build_algorithm(cfg: SSLConfig, num_classes: int, labeled_counts: torch.Tensor,
+                    num_unlabeled: int | None, imbalance: str = "none") -> Algorithm:
+    """Instantiate the registered algorithm ``cfg.algorithm``."""
+    return ALGORITHMS.get(cfg.algorithm)(cfg, num_classes, labeled_counts, num_unlabeled, imbalance)

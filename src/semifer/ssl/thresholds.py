@@ -1,0 +1,205 @@
+"""Confidence-threshold policies: which pseudo-labels are trusted.
+
+Every policy is an ``nn.Module`` whose whole memory is registered buffers, so it
+is saved with the checkpoint, moves with ``.to(device)`` and stays identical on
+all DDP ranks (per-batch statistics are all-reduced or all-gathered before they
+touch a buffer). Updates are a few tensor ops on the batch and O(C) work on
+the class vector: no loop over the unlabeled set, no ``.item()``, no host sync.
+
+Contract: ``update(probs, index)`` then ``mask(probs) -> (mask, pseudo_labels)``;
+``thresholds()`` gives the current per-class threshold vector for logging.
+The formulas are written out in docs/method.md.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from semifer import dist
+from semifer.registry import THRESHOLDS
+
+
+class ThresholdPolicy(nn.Module):
+    """Base class: a per-class threshold vector applied to the teacher's argmax class."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def update(self, probs: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Absorb one batch of teacher probabilities (B, C); ``index`` = dataset indices or None."""
+
+    def thresholds(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mask(self, probs: torch.Tensor, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float mask (B,) of accepted samples and the pseudo-labels (B,) (argmax class)."""
+        conf, pseudo = probs.max(dim=1)
+        thr = self.thresholds().to(conf.dtype)[pseudo]
+        return (conf >= thr).to(probs.dtype), pseudo
+
+
+@THRESHOLDS.register("fixed")
+class FixedThreshold(ThresholdPolicy):
+    """FixMatch: one constant threshold ``tau`` for every class and step."""
+
+    def __init__(self, num_classes: int, tau: float = 0.95) -> None:
+        super().__init__(num_classes)
+        self.register_buffer("tau", torch.full((num_classes,), float(tau)))
+
+    def thresholds(self) -> torch.Tensor:
+        return self.tau
+
+
+class LearningStatus(nn.Module):
+    """Per-class learning status sigma(c): how many unlabeled samples the teacher is confident about.
+
+    ``indexed`` mode (dataset indices known) keeps, per sample, the last class it was
+    predicted with confidence > tau (-1 = never), exactly as FlexMatch does, plus the
+    running histogram ``counts`` of that vector (slot 0 = never confident), updated
+    incrementally from the batch so no step costs O(N).
+    ``streamed`` mode (no index, millions of faces) keeps an EMA, with momentum ``m``,
+    of the per-batch fractions of confident predictions per class (slot 0 = not confident).
+    Both report ``(sigma, unused)`` in the same units relative to each other.
+    """
+
+    def __init__(self, num_classes: int, mode: str, num_samples: int | None = None,
+                 momentum: float = 0.999) -> None:
+        super().__init__()
+        if mode not in ("indexed", "streamed"):
+            raise ValueError(f"learning-status mode must be 'indexed' or 'streamed', not {mode!r}")
+        if mode == "indexed" and not num_samples:
+            raise ValueError("indexed learning status needs the number of unlabeled samples")
+        self.mode = mode
+        self.momentum = float(momentum)
+        if mode == "indexed":
+            self.register_buffer("selected", torch.full((num_samples,), -1, dtype=torch.long))
+            counts = torch.zeros(num_classes + 1, dtype=torch.long)
+            counts[0] = num_samples
+            self.register_buffer("counts", counts)
+        else:
+            status = torch.zeros(num_classes + 1)
+            status[0] = 1.0
+            self.register_buffer("status", status)
+
+    @torch.no_grad()
+    def update(self, conf: torch.Tensor, pred: torch.Tensor, tau: float, index: torch.Tensor | None) -> None:
+        confident = conf > tau
+        if self.mode == "indexed":
+            if index is None:
+                raise ValueError("indexed learning status needs the unlabeled batch's dataset indices")
+            # Every rank applies the same gathered batch, so the buffers stay identical.
+            index = dist.all_gather_cat(index.to(self.selected.device))
+            pred = dist.all_gather_cat(pred)
+            confident = dist.all_gather_cat(confident)
+            old = self.selected[index]
+            new = torch.where(confident, pred, old)
+            self.selected[index] = new
+            one = torch.ones_like(old)
+            # Indices in one (global) batch are distinct (the sampler guarantees it),
+            # so the histogram can be moved sample by sample without recounting N.
+            self.counts.scatter_add_(0, old + 1, -one)
+            self.counts.scatter_add_(0, new + 1, one)
+        else:
+            slot = torch.where(confident, pred + 1, torch.zeros_like(pred))
+            frac = torch.zeros_like(self.status).scatter_add_(0, slot, torch.ones_like(slot, dtype=self.status.dtype))
+            frac = dist.all_reduce_mean(frac / max(slot.numel(), 1))
+            self.status.mul_(self.momentum).add_(frac, alpha=1.0 - self.momentum)
+
+    def sigma(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-class status (C,), never/not-confident mass (scalar)) as floats."""
+        s = self.counts.float() if self.mode == "indexed" else self.status
+        return s[1:], s[0]
+
+    def beta(self, warmup: bool) -> torch.Tensor:
+        """Normalised status beta(c) in [0, 1]; with ``warmup`` the unused mass joins the max."""
+        sigma, unused = self.sigma()
+        denom = torch.maximum(sigma.max(), unused) if warmup else sigma.max()
+        return sigma / denom.clamp_min(1e-12)
+
+
+def resolve_status_mode(mode: str, has_index: bool) -> str:
+    """'auto' -> 'indexed' when the unlabeled source has per-sample indices, else 'streamed'."""
+    if mode == "auto":
+        return "indexed" if has_index else "streamed"
+    if mode == "indexed" and not has_index:
+        raise ValueError("status_mode 'indexed' needs an indexed unlabeled source; use 'streamed'")
+    return mode
+
+
+def convex_map(beta: torch.Tensor) -> torch.Tensor:
+    """FlexMatch's mapping M(beta) = beta / (2 - beta): low status lowers the threshold quickly."""
+    return beta / (2.0 - beta)
+
+
+@THRESHOLDS.register("flexmatch")
+class FlexMatchThreshold(ThresholdPolicy):
+    """FlexMatch curriculum thresholds: tau_t(c) = tau * M(beta_t(c))."""
+
+    def __init__(self, num_classes: int, tau: float = 0.95, mode: str = "indexed",
+                 num_samples: int | None = None, momentum: float = 0.999, warmup: bool = True) -> None:
+        super().__init__(num_classes)
+        self.tau = float(tau)
+        self.warmup = bool(warmup)
+        self.status = LearningStatus(num_classes, mode, num_samples, momentum)
+
+    def update(self, probs: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        conf, pred = probs.detach().max(dim=1)
+        self.status.update(conf, pred, self.tau, index)
+
+    def thresholds(self) -> torch.Tensor:
+        return self.tau * convex_map(self.status.beta(self.warmup))
+
+
+@THRESHOLDS.register("dtm")
+class DynamicThreshold(FlexMatchThreshold):
+    """DTM (reconstruction): class- and stage-dependent thresholds kept in [tau_min, tau_max].
+
+    tau_t(c) = clip(tau * M(beta_t(c)), tau_min, tau_max). The floor stops the early,
+    untrained teacher from flooding the student with wrong labels (FlexMatch starts at
+    threshold 0); the ceiling keeps well-learned classes from starving.
+    The stage schedule (supervised warm-up, then thresholds active) is applied by the
+    DTM algorithm, which only calls this policy after the warm-up.
+    """
+
+    def __init__(self, num_classes: int, tau: float = 0.95, tau_min: float = 0.7, tau_max: float = 0.95,
+                 mode: str = "streamed", num_samples: int | None = None, momentum: float = 0.999,
+                 warmup: bool = True) -> None:
+        super().__init__(num_classes, tau, mode, num_samples, momentum, warmup)
+        if not 0.0 <= tau_min <= tau_max <= 1.0:
+            raise ValueError(f"need 0 <= tau_min <= tau_max <= 1, got {tau_min}, {tau_max}")
+        self.tau_min = float(tau_min)
+        self.tau_max = float(tau_max)
+
+    def thresholds(self) -> torch.Tensor:
+        return super().thresholds().clamp(self.tau_min, self.tau_max)
+
+
+@THRESHOLDS.register("freematch")
+class FreeMatchThreshold(ThresholdPolicy):
+    """FreeMatch self-adaptive thresholds: tau_t(c) = tau_t * MaxNorm(p_t)(c).
+
+    tau_t is an EMA of the mean max-probability, p_t an EMA of the mean probability
+    vector, h_t an EMA of the histogram of argmax classes (used by the fairness loss).
+    """
+
+    def __init__(self, num_classes: int, momentum: float = 0.999) -> None:
+        super().__init__(num_classes)
+        self.momentum = float(momentum)
+        self.register_buffer("time_p", torch.tensor(1.0 / num_classes))
+        self.register_buffer("p_model", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("label_hist", torch.full((num_classes,), 1.0 / num_classes))
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        probs = probs.detach().float()
+        conf, pred = probs.max(dim=1)
+        hist = torch.zeros_like(self.label_hist).scatter_add_(0, pred, torch.ones_like(conf)) / conf.numel()
+        stats = dist.all_reduce_mean(torch.cat([conf.mean().view(1), probs.mean(dim=0), hist]))
+        m = self.momentum
+        self.time_p.mul_(m).add_(stats[0], alpha=1 - m)
+        self.p_model.mul_(m).add_(stats[1:1 + self.num_classes], alpha=1 - m)
+        self.label_hist.mul_(m).add_(stats[1 + self.num_classes:], alpha=1 - m)
+
+    def thresholds(self) -> torch.Tensor:
+        return self.time_p * self.p_model / self.p_model.max()

@@ -1,0 +1,103 @@
+"""Threshold policies against hand-computed values (3 classes, small sets)."""
+import pytest
+import torch
+
+from semifer.config import SSLConfig
+from semifer.registry import ALGORITHMS, THRESHOLDS
+from semifer.ssl.thresholds import LearningStatus
+
+
+def one_hot_probs(pred, conf, C=3):
+    """Probabilities whose argmax is ``pred`` with max value ``conf``, rest spread evenly."""
+    p = torch.full((len(pred), C), 0.0)
+    for i, (c, v) in enumerate(zip(pred, conf)):
+        p[i] = (1 - v) / (C - 1)
+        p[i, c] = v
+    return p
+
+
+def test_fixed_threshold_masks_by_confidence():
+    pol = THRESHOLDS.get("fixed")(3, tau=0.9)
+    mask, pseudo = pol.mask(one_hot_probs([0, 1, 2], [0.95, 0.5, 0.9]))
+    assert mask.tolist() == [1.0, 0.0, 1.0]
+    assert pseudo.tolist() == [0, 1, 2]
+
+
+def test_indexed_status_bookkeeping_and_flexmatch_thresholds():
+    pol = THRESHOLDS.get("flexmatch")(3, tau=0.9, mode="indexed", num_samples=6, warmup=True)
+    pol.update(one_hot_probs([0, 1, 2], [0.95, 0.95, 0.5]), torch.tensor([0, 1, 2]))
+    st = pol.status
+    assert st.selected.tolist() == [0, 1, -1, -1, -1, -1]
+    assert st.counts.tolist() == [4, 1, 1, 0]
+    # warm-up: beta = sigma / max(max sigma, unused) = [1,1,0]/4; tau*b/(2-b)
+    b = 0.25
+    assert torch.allclose(pol.thresholds(), torch.tensor([0.9 * b / (2 - b), 0.9 * b / (2 - b), 0.0]))
+    pol.warmup = False  # beta = sigma / max sigma = [1, 1, 0]
+    assert torch.allclose(pol.thresholds(), torch.tensor([0.9, 0.9, 0.0]))
+    # a sample re-predicted confidently moves class; an unconfident one keeps its last class
+    pol.update(one_hot_probs([2, 2, 0], [0.95, 0.95, 0.3]), torch.tensor([0, 3, 1]))
+    assert st.selected.tolist() == [2, 1, -1, 2, -1, -1]
+    assert st.counts.tolist() == [3, 0, 1, 2]
+    assert st.counts.tolist() == torch.bincount(st.selected + 1, minlength=4).tolist()
+
+
+def test_dtm_clips_thresholds_into_range():
+    pol = THRESHOLDS.get("dtm")(3, tau=0.9, tau_min=0.5, tau_max=0.85, mode="indexed", num_samples=6, warmup=True)
+    assert torch.allclose(pol.thresholds(), torch.full((3,), 0.5))  # nothing learned yet: the floor
+    pol.update(one_hot_probs([0, 1, 2], [0.95, 0.95, 0.5]), torch.tensor([0, 1, 2]))
+    assert torch.allclose(pol.thresholds(), torch.tensor([0.5, 0.5, 0.5]))  # 0.1286 clipped up
+    pol.warmup = False
+    assert torch.allclose(pol.thresholds(), torch.tensor([0.85, 0.85, 0.5]))  # 0.9 clipped down
+    mask, pseudo = pol.mask(one_hot_probs([0, 2, 2], [0.8, 0.55, 0.45]))
+    assert mask.tolist() == [0.0, 1.0, 0.0] and pseudo.tolist() == [0, 2, 2]
+
+
+def test_streamed_status_is_an_ema_of_batch_fractions():
+    pol = THRESHOLDS.get("dtm")(3, tau=0.9, tau_min=0.0, tau_max=1.0, mode="streamed", momentum=0.5)
+    pol.update(one_hot_probs([0, 0, 2, 1], [0.95, 0.95, 0.5, 0.95]))
+    # fractions [unused, c0, c1, c2] = [1/4, 2/4, 1/4, 0]; status = 0.5*[1,0,0,0] + 0.5*frac
+    assert torch.allclose(pol.status.status, torch.tensor([0.625, 0.25, 0.125, 0.0]))
+    beta = torch.tensor([0.25, 0.125, 0.0]) / 0.625
+    assert torch.allclose(pol.thresholds(), 0.9 * beta / (2 - beta))
+
+
+def test_indexed_mode_requires_indices():
+    pol = THRESHOLDS.get("flexmatch")(3, tau=0.9, mode="indexed", num_samples=4)
+    with pytest.raises(ValueError, match="indices"):
+        pol.update(one_hot_probs([0], [0.99]))
+    with pytest.raises(ValueError):
+        LearningStatus(3, "indexed", None)
+
+
+def test_freematch_self_adaptive_thresholds():
+    pol = THRESHOLDS.get("freematch")(2, momentum=0.5)
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
+    pol.update(probs)
+    assert torch.allclose(pol.time_p, torch.tensor(0.625))
+    assert torch.allclose(pol.p_model, torch.tensor([0.625, 0.375]))
+    assert torch.allclose(pol.label_hist, torch.tensor([0.75, 0.25]))
+    assert torch.allclose(pol.thresholds(), torch.tensor([0.625, 0.375]))
+    mask, _ = pol.mask(probs)
+    assert mask.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["flexmatch", "dtm", "freematch"])
+def test_policy_state_round_trips_through_state_dict(name):
+    kw = {"num_samples": 5, "mode": "indexed"} if name != "freematch" else {}
+    a, b = THRESHOLDS.get(name)(3, **kw), THRESHOLDS.get(name)(3, **kw)
+    probs = one_hot_probs([0, 1, 1], [0.99, 0.98, 0.97])
+    a.update(probs, torch.tensor([0, 1, 2]))
+    assert not torch.allclose(a.thresholds(), b.thresholds())
+    b.load_state_dict(a.state_dict())
+    assert torch.allclose(a.thresholds(), b.thresholds())
+
+
+def test_dtm_stage_schedule():
+    cfg = SSLConfig(algorithm="dtm", lambda_u=2.0, warmup_steps=10, ramp_steps=10)
+    algo = ALGORITHMS.get("dtm")(cfg, 3, torch.tensor([1, 1, 1]), num_unlabeled=None)
+    assert algo.unlabeled_weight(0) == 0.0 and algo.unlabeled_weight(9) == 0.0
+    assert not algo.wants_unlabeled(9) and algo.wants_unlabeled(10)
+    assert algo.unlabeled_weight(10) == pytest.approx(0.2)
+    assert algo.unlabeled_weight(14) == pytest.approx(1.0)
+    assert algo.unlabeled_weight(19) == pytest.approx(2.0) and algo.unlabeled_weight(500) == pytest.approx(2.0)
+    assert algo.policy.status.mode == "streamed"  # no index known -> streamed bookkeeping

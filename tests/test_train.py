@@ -1,0 +1,69 @@
+"""The Python API really trains; runs resume exactly and are never overwritten."""
+import json
+
+import pytest
+import torch
+
+import semifer
+from semifer.engine.checkpoint import load_checkpoint
+from semifer.engine.rundir import RunDirConflict
+from semifer.engine.runlog import read_metrics
+from tests.conftest import tiny_config
+
+
+def test_train_improves_the_metric(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "sup", algorithm="supervised", steps=60,
+                      run={"eval_every": 10, "checkpoint_every": 30})
+    res = semifer.train(cfg)
+    evals = [r for r in read_metrics(res.run_dir) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 20, 30, 40, 50, 60]
+    assert res.macro_f1 == max(r["macro_f1"] for r in evals)
+    assert res.macro_f1 > evals[0]["macro_f1"] + 0.1
+    assert res.macro_f1 > 0.5  # chance is 0.125
+    results = json.loads((res.run_dir / "results.json").read_text())
+    assert results["macro_f1"] == pytest.approx(res.macro_f1)
+    best = load_checkpoint(res.run_dir / "checkpoints" / "best.pt")
+    assert best["step"] == res.best_step
+    for name in ("thresholds.png", "pseudo_labels.png"):
+        assert not (res.run_dir / "plots" / name).exists()  # supervised: nothing to plot
+    for name in ("macro_f1.png", "confusion.png", "loss.png"):
+        assert (res.run_dir / "plots" / name).stat().st_size > 1000
+    assert (res.run_dir / "config.yaml").exists() and any((res.run_dir / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("algorithm, status_mode", [("dtm", "indexed"), ("dtm", "streamed"), ("freematch", "auto")])
+def test_resume_is_exact(tiny_data, tmp_path, algorithm, status_mode):
+    kw = dict(algorithm=algorithm, steps=10, ssl={"status_mode": status_mode, "fairness_weight": 0.01},
+              run={"checkpoint_every": 4, "eval_every": 5})
+    full = semifer.train(tiny_config(tiny_data, tmp_path / "full", **kw))
+    part_cfg = tiny_config(tiny_data, tmp_path / "part", **kw)
+    first = semifer.train(part_cfg, stop_after=6)
+    assert not first.completed and first.steps == 6
+    second = semifer.train(part_cfg)
+    assert second.completed and second.steps == 10
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    for part in ("model", "ema", "algorithm"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert full.macro_f1 == second.macro_f1
+    steps = [r["step"] for r in read_metrics(tmp_path / "part") if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 10
+
+
+def test_existing_run_dir_with_other_config_is_refused(tiny_data, tmp_path):
+    semifer.train(tiny_config(tiny_data, tmp_path / "r", algorithm="supervised", steps=2))
+    before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
+    with pytest.raises(RunDirConflict, match="optim.lr"):
+        semifer.train(tiny_config(tiny_data, tmp_path / "r", algorithm="supervised", steps=2, optim={"lr": 0.1}))
+    assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == before
+
+
+def test_finished_run_is_not_retrained(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "r", algorithm="supervised", steps=3)
+    res1 = semifer.train(cfg)
+    mtime = (tmp_path / "r" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    res2 = semifer.train(cfg)
+    assert res2.completed and res2.steps == 3 and res2.macro_f1 == res1.macro_f1
+    assert (tmp_path / "r" / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
