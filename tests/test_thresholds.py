@@ -42,7 +42,8 @@ def test_indexed_status_bookkeeping_and_flexmatch_thresholds():
 
 
 def test_dtm_clips_thresholds_into_range():
-    pol = THRESHOLDS.get("dtm")(3, tau=0.9, tau_min=0.5, tau_max=0.85, mode="indexed", num_samples=6, warmup=True)
+    pol = THRESHOLDS.get("dtm")(3, tau=0.9, tau_min=0.5, tau_max=0.85, mode="indexed", num_samples=6, warmup=True,
+                                prior_correction=False)
     assert torch.allclose(pol.thresholds(), torch.full((3,), 0.5))  # nothing learned yet: the floor
     pol.update(one_hot_probs([0, 1, 2], [0.95, 0.95, 0.5]), torch.tensor([0, 1, 2]))
     assert torch.allclose(pol.thresholds(), torch.tensor([0.5, 0.5, 0.5]))  # 0.1286 clipped up
@@ -53,12 +54,35 @@ def test_dtm_clips_thresholds_into_range():
 
 
 def test_streamed_status_is_an_ema_of_batch_fractions():
-    pol = THRESHOLDS.get("dtm")(3, tau=0.9, tau_min=0.0, tau_max=1.0, mode="streamed", momentum=0.5)
+    pol = THRESHOLDS.get("dtm")(3, tau=0.9, tau_min=0.0, tau_max=1.0, mode="streamed", momentum=0.5,
+                                prior_correction=False)
     pol.update(one_hot_probs([0, 0, 2, 1], [0.95, 0.95, 0.5, 0.95]))
     # fractions [unused, c0, c1, c2] = [1/4, 2/4, 1/4, 0]; status = 0.5*[1,0,0,0] + 0.5*frac
     assert torch.allclose(pol.status.status, torch.tensor([0.625, 0.25, 0.125, 0.0]))
     beta = torch.tensor([0.25, 0.125, 0.0]) / 0.625
     assert torch.allclose(pol.thresholds(), 0.9 * beta / (2 - beta))
+    # predicted classes at any confidence: [none, c0, c1, c2] = 0.5*[1,0,0,0] + 0.5*[0, 1/2, 1/4, 1/4]
+    assert torch.allclose(pol.status.pred_status, torch.tensor([0.5, 0.25, 0.125, 0.125]))
+    # prior-corrected: sigma / pi = [0.25/0.25, 0.125/0.125, 0/0.125] = [1, 1, 0]; max(1, unused 0.625) = 1
+    pol.prior_correction = True
+    assert torch.allclose(pol.thresholds(), torch.tensor([0.9, 0.9, 0.0]))
+
+
+def test_prior_correction_makes_status_independent_of_class_frequency():
+    kw = dict(tau=0.9, tau_min=0.0, tau_max=1.0, mode="indexed", num_samples=6)
+    plain = THRESHOLDS.get("dtm")(3, prior_correction=False, **kw)
+    corrected = THRESHOLDS.get("dtm")(3, prior_correction=True, **kw)
+    for pol in (plain, corrected):
+        pol.update(one_hot_probs([0, 1, 2], [0.95, 0.95, 0.5]), torch.tensor([0, 1, 2]))
+        pol.update(one_hot_probs([0, 0], [0.5, 0.5]), torch.tensor([3, 4]))  # more class-0 faces, unconfident
+        assert pol.status.last_pred.tolist() == [0, 1, 2, 0, 0, -1]
+        assert pol.status.pred_counts.tolist() == [1, 3, 1, 1]
+    # plain: sigma = [1, 1, 0]/6, unused 4/6 -> beta = [1/4, 1/4, 0]: both confident classes look alike
+    b = 0.25
+    assert torch.allclose(plain.thresholds(), torch.tensor([0.9 * b / (2 - b), 0.9 * b / (2 - b), 0.0]))
+    # corrected: confident fraction of each predicted class = [1/3, 1, 0]; max(1, 4/6) = 1
+    b0 = 1 / 3
+    assert torch.allclose(corrected.thresholds(), torch.tensor([0.9 * b0 / (2 - b0), 0.9, 0.0]))
 
 
 def test_indexed_mode_requires_indices():

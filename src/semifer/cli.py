@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train supervised vs SSL on the embedded synthetic faces")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--algorithms", default="supervised,fixmatch,dtm")
+    d.add_argument("--algorithms", default="supervised,dtm", help="comma-separated; add fixmatch etc. (about 2.5 min each)")
     d.add_argument("--steps", type=int, default=None, help="override the demo's step count")
     d.set_defaults(func=_cmd_demo)
 

@@ -58,8 +58,9 @@ class SSLConfig:
     status_momentum: float = 0.999  # EMA momentum of per-batch counts (streamed mode)
     threshold_warmup: bool = True   # never-confident samples count in the normaliser
     # DTM only
-    tau_min: float = 0.7
+    tau_min: float = 0.8
     tau_max: float = 0.95
+    prior_correction: bool = True   # divide the status by the teacher's predicted class prior
     warmup_steps: int = 0           # supervised-only stage before thresholds are active
     ramp_steps: int = 0             # linear ramp of lambda_u after the warm-up
     # FreeMatch only
@@ -77,6 +78,7 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     lr_warmup_steps: int = 0
     batch_size: int = 32            # labeled images per step (per process)
+    grad_clip: float = 0.0          # max global gradient norm; 0 = no clipping
     steps: int = 1000
     imbalance: Literal["none", "logit_adjust", "class_balanced"] = "none"
     amp: Literal["auto", "bf16", "off"] = "auto"

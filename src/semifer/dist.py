@@ -41,7 +41,8 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return t
     out = torch.empty((world_size() * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t.contiguous())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, t.contiguous())
     return out
 
 

@@ -64,11 +64,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN runs bf16 natively (AVX512-BF16 / AMX): autocast is then ~3x faster on CPU."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where it pays: on CUDA by default; on CPU only when asked ('bf16')."""
+    """bf16 autocast where it pays: CUDA, and CPUs with native bf16 ('auto'); always with 'bf16'."""
     if setting == "off":
         return None
-    if setting == "bf16" or device.type == "cuda":
+    if setting == "bf16" or device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
         return torch.bfloat16
     return None
 
@@ -186,8 +194,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
             loss, logs = algo.step(student, teacher, batch, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.optim.grad_clip > 0:
+            # Returns a tensor and scales on the device: no host sync.
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
         opt.step()
-        ema.update(model, step)
+        ema.update(model, step, fallback=batch["x_l"])
         images_seen += sum(v.shape[0] for k, v in batch.items() if k.startswith("x_"))
         step += 1
         if bar is not None:

@@ -157,7 +157,7 @@ class DTM(PseudoLabelAlgorithm):
         mode = resolve_status_mode(cfg.status_mode, num_unlabeled is not None)
         return THRESHOLDS.get("dtm")(num_classes, tau=cfg.tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
                                      mode=mode, num_samples=num_unlabeled, momentum=cfg.status_momentum,
-                                     warmup=cfg.threshold_warmup)
+                                     warmup=cfg.threshold_warmup, prior_correction=cfg.prior_correction)
 
     def unlabeled_weight(self, step: int) -> float:
         c = self.cfg

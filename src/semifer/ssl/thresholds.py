@@ -60,7 +60,9 @@ class LearningStatus(nn.Module):
     incrementally from the batch so no step costs O(N).
     ``streamed`` mode (no index, millions of faces) keeps an EMA, with momentum ``m``,
     of the per-batch fractions of confident predictions per class (slot 0 = not confident).
-    Both report ``(sigma, unused)`` in the same units relative to each other.
+    Both also track the teacher's predicted class distribution ``pi(c)`` (argmax at any
+    confidence: last prediction per sample, or an EMA of batch fractions), which the
+    prior-corrected status of DTM divides by.
     """
 
     def __init__(self, num_classes: int, mode: str, num_samples: int | None = None,
@@ -74,13 +76,32 @@ class LearningStatus(nn.Module):
         self.momentum = float(momentum)
         if mode == "indexed":
             self.register_buffer("selected", torch.full((num_samples,), -1, dtype=torch.long))
+            self.register_buffer("last_pred", torch.full((num_samples,), -1, dtype=torch.long))
             counts = torch.zeros(num_classes + 1, dtype=torch.long)
             counts[0] = num_samples
             self.register_buffer("counts", counts)
+            self.register_buffer("pred_counts", counts.clone())
         else:
             status = torch.zeros(num_classes + 1)
             status[0] = 1.0
             self.register_buffer("status", status)
+            self.register_buffer("pred_status", status.clone())
+
+    @staticmethod
+    def _move(values: torch.Tensor, hist: torch.Tensor, index: torch.Tensor, new: torch.Tensor) -> None:
+        """Set ``values[index] = new`` and move each sample's unit in ``hist`` (slot = value + 1)."""
+        old = values[index]
+        values[index] = new
+        one = torch.ones_like(old)
+        # Indices in one (global) batch are distinct (the sampler guarantees it), so the
+        # histogram can be moved sample by sample without recounting N.
+        hist.scatter_add_(0, old + 1, -one)
+        hist.scatter_add_(0, new + 1, one)
+
+    def _ema(self, buf: torch.Tensor, slots: torch.Tensor) -> None:
+        frac = torch.zeros_like(buf).scatter_add_(0, slots, torch.ones_like(slots, dtype=buf.dtype))
+        frac = dist.all_reduce_mean(frac / max(slots.numel(), 1))
+        buf.mul_(self.momentum).add_(frac, alpha=1.0 - self.momentum)
 
     @torch.no_grad()
     def update(self, conf: torch.Tensor, pred: torch.Tensor, tau: float, index: torch.Tensor | None) -> None:
@@ -92,28 +113,33 @@ class LearningStatus(nn.Module):
             index = dist.all_gather_cat(index.to(self.selected.device))
             pred = dist.all_gather_cat(pred)
             confident = dist.all_gather_cat(confident)
-            old = self.selected[index]
-            new = torch.where(confident, pred, old)
-            self.selected[index] = new
-            one = torch.ones_like(old)
-            # Indices in one (global) batch are distinct (the sampler guarantees it),
-            # so the histogram can be moved sample by sample without recounting N.
-            self.counts.scatter_add_(0, old + 1, -one)
-            self.counts.scatter_add_(0, new + 1, one)
+            self._move(self.selected, self.counts, index, torch.where(confident, pred, self.selected[index]))
+            self._move(self.last_pred, self.pred_counts, index, pred)
         else:
-            slot = torch.where(confident, pred + 1, torch.zeros_like(pred))
-            frac = torch.zeros_like(self.status).scatter_add_(0, slot, torch.ones_like(slot, dtype=self.status.dtype))
-            frac = dist.all_reduce_mean(frac / max(slot.numel(), 1))
-            self.status.mul_(self.momentum).add_(frac, alpha=1.0 - self.momentum)
+            self._ema(self.status, torch.where(confident, pred + 1, torch.zeros_like(pred)))
+            self._ema(self.pred_status, pred + 1)
 
     def sigma(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-class status (C,), never/not-confident mass (scalar)) as floats."""
-        s = self.counts.float() if self.mode == "indexed" else self.status
+        """(per-class status (C,), never/not-confident mass (scalar)) as fractions of the unlabeled set."""
+        s = self.counts.float() / self.counts.sum() if self.mode == "indexed" else self.status
         return s[1:], s[0]
 
-    def beta(self, warmup: bool) -> torch.Tensor:
-        """Normalised status beta(c) in [0, 1]; with ``warmup`` the unused mass joins the max."""
+    def predicted_prior(self) -> torch.Tensor:
+        """pi(c): fraction of the unlabeled set the teacher assigns to class c (any confidence)."""
+        p = self.pred_counts.float() / self.pred_counts.sum() if self.mode == "indexed" else self.pred_status
+        return p[1:]
+
+    def beta(self, warmup: bool, prior_correction: bool = False) -> torch.Tensor:
+        """Normalised status beta(c) in [0, 1]; with ``warmup`` the unused mass joins the max.
+
+        With ``prior_correction`` sigma(c) is first divided by pi(c), turning "how many
+        faces are confidently class c" into "what fraction of the faces predicted as c are
+        confident", which no longer grows with the class's frequency in the unlabeled set.
+        """
         sigma, unused = self.sigma()
+        if prior_correction:
+            pi = self.predicted_prior()
+            sigma = torch.where(pi > 0, sigma / pi.clamp_min(1e-12), torch.zeros_like(sigma)).clamp(max=1.0)
         denom = torch.maximum(sigma.max(), unused) if warmup else sigma.max()
         return sigma / denom.clamp_min(1e-12)
 
@@ -164,15 +190,17 @@ class DynamicThreshold(FlexMatchThreshold):
 
     def __init__(self, num_classes: int, tau: float = 0.95, tau_min: float = 0.7, tau_max: float = 0.95,
                  mode: str = "streamed", num_samples: int | None = None, momentum: float = 0.999,
-                 warmup: bool = True) -> None:
+                 warmup: bool = True, prior_correction: bool = True) -> None:
         super().__init__(num_classes, tau, mode, num_samples, momentum, warmup)
+        self.prior_correction = bool(prior_correction)
         if not 0.0 <= tau_min <= tau_max <= 1.0:
             raise ValueError(f"need 0 <= tau_min <= tau_max <= 1, got {tau_min}, {tau_max}")
         self.tau_min = float(tau_min)
         self.tau_max = float(tau_max)
 
     def thresholds(self) -> torch.Tensor:
-        return super().thresholds().clamp(self.tau_min, self.tau_max)
+        beta = self.status.beta(self.warmup, self.prior_correction)
+        return (self.tau * convex_map(beta)).clamp(self.tau_min, self.tau_max)
 
 
 @THRESHOLDS.register("freematch")
