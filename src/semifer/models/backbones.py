@@ -74,4 +74,4 @@ def describe_backbones() -> list[tuple[str, int, str]]:
     return rows
 
 
-__all__ = ["small_cnn", "resnet18", "resnet50", "count_parameters", "describe_backbones", "torch"]
+__all__ = ["small_cnn", "resnet18", "resnet50", "count_parameters", "describe_backbones"]
