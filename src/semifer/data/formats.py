@@ -12,20 +12,35 @@ from semifer.data.imageset import ImageSet, conform
 from semifer.registry import FORMATS
 
 
-def parse_source(spec: str) -> tuple[str, str]:
-    """Split ``'FORMAT:PATH'``; the format must be registered."""
+def parse_source(spec: str) -> tuple[str, str, dict[str, str]]:
+    """Split ``'FORMAT:PATH[?key=value&...]'``; the format must be registered.
+
+    Options after ``?`` go to the reader as keyword arguments (strings), e.g.
+    ``fer2013:/data/fer2013.csv?split=PublicTest``.
+    """
     if ":" not in spec:
         raise ValueError(f"data source {spec!r} must look like FORMAT:PATH (formats: {', '.join(FORMATS.names())})")
-    fmt, path = spec.split(":", 1)
+    fmt, rest = spec.split(":", 1)
     FORMATS.get(fmt)
-    return fmt, path
+    path, _, query = rest.partition("?")
+    options: dict[str, str] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"data source {spec!r}: option {part!r} must look like key=value")
+        options[key] = value
+    return fmt, path, options
 
 
 def load_source(spec: str, cfg: DataConfig) -> ImageSet:
-    """Load one ``FORMAT:PATH`` source at the configured size and channel count."""
-    fmt, path = parse_source(spec)
-    data = FORMATS.get(fmt)(path, cfg)
-    return ImageSet(conform(data.images, cfg.image_size, cfg.channels), data.labels, data.true_labels, name=spec)
+    """Load one ``FORMAT:PATH[?options]`` source at the configured size and channel count."""
+    fmt, path, options = parse_source(spec)
+    try:
+        data = FORMATS.get(fmt)(path, cfg, **options)
+    except TypeError as e:
+        raise ValueError(f"{spec}: unsupported option for format {fmt!r} ({e})") from None
+    return ImageSet(conform(data.images, cfg.image_size, cfg.channels), data.labels, data.true_labels,
+                    name=spec, skipped=dict(data.skipped))
 
 
 @lru_cache(maxsize=4)

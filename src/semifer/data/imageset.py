@@ -8,7 +8,7 @@ per epoch and no index repeats inside a global batch).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ class ImageSet:
     labels: torch.Tensor
     true_labels: torch.Tensor | None = None  # hidden labels of synthetic unlabeled data (diagnostics only)
     name: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)  # unusable inputs by reason (see data/decode.py)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:

@@ -106,7 +106,12 @@ def _concat(sets: list[ImageSet], name: str) -> ImageSet:
     tl = None
     if all(s.true_labels is not None for s in sets):
         tl = torch.cat([s.true_labels for s in sets])
-    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), tl, name=name)
+    skipped: dict[str, int] = {}
+    for s in sets:
+        for reason, n in s.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), tl, name=name,
+                    skipped=skipped)
 
 
 def _labeled(data: ImageSet) -> ImageSet:
@@ -169,7 +174,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     if step == 0:
         logger.log({"kind": "info", "step": 0, "labeled": len(labeled), "val": len(val),
                     "unlabeled": len(unlabeled) if unlabeled is not None else 0, "device": str(device),
-                    "world_size": world, "amp": str(amp)})
+                    "world_size": world, "amp": str(amp), "skipped": _skipped(labeled, val, unlabeled)})
 
     total = cfg.optim.steps
     end = total if stop_after is None else min(total, step + stop_after)
@@ -240,6 +245,14 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
         logger.close()
     return RunResult(run_dir, cfg.ssl.algorithm, step, completed, int(best.get("step", -1)),
                      {k: v for k, v in best.items() if k != "step"}, wall_s, plots)
+
+
+def _skipped(*sets: ImageSet | None) -> dict[str, dict[str, int]]:
+    """Unusable inputs per source, by reason (logged, and printed when there are any)."""
+    out = {s.name: s.skipped for s in sets if s is not None and s.skipped}
+    for name, counts in out.items():
+        print(f"semifer: {name}: skipped {sum(counts.values())} unusable inputs: {counts}")
+    return out
 
 
 def _algorithm_uses_unlabeled(name: str) -> bool:
