@@ -2,6 +2,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -49,6 +50,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.distributed
 def test_threshold_buffers_identical_across_ranks_and_equal_single_process():
     ctx = mp.get_context("spawn")
     q = ctx.Queue()

@@ -30,6 +30,11 @@ class DataConfig:
     val: str = "synthetic:test"
     image_size: int = 48
     channels: int = 3
+    # Keep only a class-stratified subset of the labeled source (one of the two, 0 = all).
+    labeled_fraction: float = 0.0
+    labeled_per_class: int = 0
+    split_seed: int = 0
+    rest_as_unlabeled: bool = True   # the labeled source's left-out images join the unlabeled set
     # Embedded demo data (used by the ``synthetic`` format only).
     synthetic_seed: int = 0
     synthetic_labeled_per_class: int = 25

@@ -5,9 +5,11 @@ its own class names to the ABAW order (``semifer.labels``) and never augments.
 """
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from functools import lru_cache
 
-from semifer.config import DataConfig
+from semifer.config import DataConfig, to_dict
 from semifer.data.imageset import ImageSet, conform
 from semifer.registry import FORMATS
 
@@ -32,8 +34,28 @@ def parse_source(spec: str) -> tuple[str, str, dict[str, str]]:
     return fmt, path, options
 
 
+_CACHE: OrderedDict[str, ImageSet] = OrderedDict()
+_CACHE_SIZE = 6
+
+
 def load_source(spec: str, cfg: DataConfig) -> ImageSet:
-    """Load one ``FORMAT:PATH[?options]`` source at the configured size and channel count."""
+    """Load one ``FORMAT:PATH[?options]`` source at the configured size and channel count.
+
+    Decoded sets are kept in a small in-process LRU cache keyed by the spec and the data
+    config, so a script training several algorithms on the same data decodes it once.
+    """
+    key = json.dumps([spec, to_dict(cfg)], sort_keys=True, default=str)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    data = _load_uncached(spec, cfg)
+    _CACHE[key] = data
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return data
+
+
+def _load_uncached(spec: str, cfg: DataConfig) -> ImageSet:
     fmt, path, options = parse_source(spec)
     try:
         data = FORMATS.get(fmt)(path, cfg, **options)

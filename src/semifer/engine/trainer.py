@@ -19,6 +19,7 @@ from semifer.config import OptimConfig, TrainConfig, to_dict
 from semifer.data.augment import strong_view, weak_view
 from semifer.data.formats import load_source
 from semifer.data.imageset import ImageSet, InMemorySource, step_generator
+from semifer.data.splits import save_split, stratified_subset
 from semifer.engine.checkpoint import atomic_save, load_checkpoint
 from semifer.engine.ema import ModelEMA
 from semifer.engine.rundir import prepare_run_dir
@@ -120,6 +121,23 @@ def _labeled(data: ImageSet) -> ImageSet:
     return data
 
 
+def _split_labeled(data: ImageSet, cfg: TrainConfig, run_dir: Path) -> tuple[ImageSet, ImageSet | None]:
+    """Apply data.labeled_fraction / labeled_per_class; the rest keeps its labels only as hidden truth."""
+    d = cfg.data
+    if d.labeled_fraction <= 0 and d.labeled_per_class <= 0:
+        return data, None
+    chosen, rest = stratified_subset(data.labels, fraction=d.labeled_fraction, per_class=d.labeled_per_class,
+                                     seed=d.split_seed)
+    if dist.is_main():
+        save_split(run_dir / "split.json", chosen, rest,
+                   {"source": d.labeled, "fraction": d.labeled_fraction, "per_class": d.labeled_per_class,
+                    "seed": d.split_seed, "num_samples": len(data)})
+    lab = ImageSet(data.images[chosen], data.labels[chosen], name=f"{data.name} (labeled split)", skipped=data.skipped)
+    unl = ImageSet(data.images[rest], torch.full((len(rest),), -1, dtype=torch.long), data.labels[rest],
+                   name=f"{data.name} (rest, unlabeled)")
+    return lab, unl
+
+
 def _save_training_state(path: Path, step: int, model, ema, algo, opt, best: dict, wall_s: float, cfg) -> None:
     atomic_save({"step": step, "model": model.state_dict(), "ema": ema.module.state_dict(),
                  "algorithm": algo.state_dict(), "optimizer": opt.state_dict(), "best": best,
@@ -141,14 +159,19 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     amp = amp_dtype(cfg.optim.amp, device)
     C = NUM_CLASSES
 
-    labeled = _labeled(load_source(cfg.data.labeled, cfg.data))
+    labeled, rest = _split_labeled(_labeled(load_source(cfg.data.labeled, cfg.data)), cfg, run_dir)
     val = _labeled(load_source(cfg.data.val, cfg.data))
     model = build_model(cfg.model, C, in_chans=cfg.data.channels).to(device)
     ema = ModelEMA(model, cfg.ssl.ema_decay).to(device)
     algo_cls_uses_unlabeled = _algorithm_uses_unlabeled(cfg.ssl.algorithm)
     unlabeled = None
     if algo_cls_uses_unlabeled:
-        unlabeled = _concat([load_source(s, cfg.data) for s in cfg.data.unlabeled], "unlabeled")
+        sets = [load_source(s, cfg.data) for s in cfg.data.unlabeled]
+        if rest is not None and cfg.data.rest_as_unlabeled:
+            sets.append(rest)
+        if not sets:
+            raise ValueError(f"{cfg.ssl.algorithm} needs unlabeled data: set data.unlabeled")
+        unlabeled = _concat(sets, "unlabeled")
     algo = build_algorithm(cfg.ssl, C, labeled.class_counts(C),
                            num_unlabeled=len(unlabeled) if unlabeled is not None else None,
                            imbalance=cfg.optim.imbalance).to(device)

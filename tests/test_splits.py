@@ -1,0 +1,40 @@
+"""Class-stratified labeled subsets and their use in training."""
+import json
+
+import pytest
+import torch
+
+import semifer
+from semifer.data.splits import stratified_subset
+from tests.conftest import tiny_config
+
+
+def test_fraction_is_per_class_and_deterministic():
+    labels = torch.tensor([0] * 50 + [1] * 20 + [2] * 3 + [-1] * 5)
+    chosen, rest = stratified_subset(labels, fraction=0.1, seed=3)
+    counts = torch.bincount(labels[chosen], minlength=3).tolist()
+    assert counts == [5, 2, 1]  # 10 % rounded, never below one per class
+    assert torch.equal(chosen, stratified_subset(labels, fraction=0.1, seed=3)[0])
+    assert not torch.equal(chosen, stratified_subset(labels, fraction=0.1, seed=4)[0])
+    assert sorted(chosen.tolist() + rest.tolist()) == list(range(len(labels)))
+
+
+def test_per_class_count_and_bad_arguments():
+    labels = torch.tensor([0] * 10 + [1] * 2)
+    chosen, _ = stratified_subset(labels, per_class=4, seed=0)
+    assert torch.bincount(labels[chosen]).tolist() == [4, 2]
+    with pytest.raises(ValueError):
+        stratified_subset(labels, fraction=0.5, per_class=2)
+    with pytest.raises(ValueError):
+        stratified_subset(labels)
+
+
+def test_training_on_a_split_saves_it_and_uses_the_rest_as_unlabeled(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "r", algorithm="dtm", steps=2,
+                      data={"labeled_per_class": 2, "unlabeled": []})
+    res = semifer.train(cfg)
+    split = json.loads((res.run_dir / "split.json").read_text())
+    assert len(split["labeled"]) == 16 and len(split["rest"]) == 48 - 16
+    info = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"info"' in line][0]
+    assert info["labeled"] == 16 and info["unlabeled"] == 32
