@@ -1,0 +1,1 @@
+from semifer.data import readers  # noqa: F401
