@@ -71,6 +71,11 @@ def _cmd_list(kind: str):
         for name, obj in reg.items():
             doc = (obj.__doc__ or "").strip().splitlines()
             print(f"{name:<14} {doc[0] if doc else ''}")
+        if kind == "formats":
+            print("\nstreamed unlabeled sources (--unlabeled stream:KIND:PATH; wds/recordio/list need no prefix):")
+            for name, obj in registry.UNLABELED_SOURCES.items():
+                doc = (obj.__doc__ or "").strip().splitlines()
+                print(f"{name:<14} {doc[0] if doc else ''}")
         return 0
     return run
 

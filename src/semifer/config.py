@@ -35,6 +35,7 @@ class DataConfig:
     labeled_per_class: int = 0
     split_seed: int = 0
     rest_as_unlabeled: bool = True   # the labeled source's left-out images join the unlabeled set
+    num_workers: int = 2             # decoding workers for streamed unlabeled sources
     # Embedded demo data (used by the ``synthetic`` format only).
     synthetic_seed: int = 0
     synthetic_labeled_per_class: int = 25

@@ -34,6 +34,7 @@ import torch
 
 from semifer.data.decode import SkipCounter, decode_image
 from semifer.data.imageset import StepSampler, _mix
+from semifer.registry import UNLABELED_SOURCES
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -80,6 +81,7 @@ def _indexed_stream(src, seed: int, rank: int, world: int, worker: int, num_work
 
 
 # --------------------------------------------------------------------------- folder / list
+@UNLABELED_SOURCES.register("folder")
 class ImageFolderSource:
     """Every jpg/jpeg/png/bmp/webp under ``root`` (recursive, case-insensitive, sorted); indexed.
 
@@ -126,6 +128,7 @@ class ImageFolderSource:
         return f"folder:{self.root} ({len(self)} images)"
 
 
+@UNLABELED_SOURCES.register("list")
 class FileListSource:
     """One image path per line, relative to the list's folder (or ``root``); ``#`` comments, blanks ignored.
 
@@ -194,6 +197,7 @@ def _split_key(name: str) -> tuple[str, str]:
     return (os.path.join(d, k) if d else k), ext.lower()
 
 
+@UNLABELED_SOURCES.register("wds")
 class WebDatasetSource:
     """Tar shards (brace patterns, globs or a list), samples grouped by key; streamed.
 
@@ -375,6 +379,7 @@ def unpack_image_record(payload: bytes) -> tuple[tuple[int, float | np.ndarray, 
     return (flag, label, id1, id2), rest
 
 
+@UNLABELED_SOURCES.register("recordio")
 class RecordIOSource:
     """insightface/MXNet ``train.rec`` + ``train.idx`` read without mxnet; indexed by the .idx keys.
 
@@ -490,16 +495,11 @@ def open_unlabeled(spec: str):
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
         raise ValueError(f"unlabeled source spec must be KIND:PATH, got {spec!r}")
-    kind = kind.strip().lower()
-    if kind == "folder":
-        return ImageFolderSource(arg)
-    if kind == "list":
-        return FileListSource(arg)
-    if kind == "wds":
-        return WebDatasetSource(arg)
-    if kind == "recordio":
-        return RecordIOSource(arg)
-    raise ValueError(f"unknown unlabeled source kind {kind!r} (folder, list, wds, recordio)")
+    try:
+        make = UNLABELED_SOURCES.get(kind.strip().lower())
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    return make(arg)
 
 
 # --------------------------------------------------------------------------- batches

@@ -164,21 +164,34 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     model = build_model(cfg.model, C, in_chans=cfg.data.channels).to(device)
     ema = ModelEMA(model, cfg.ssl.ema_decay).to(device)
     algo_cls_uses_unlabeled = _algorithm_uses_unlabeled(cfg.ssl.algorithm)
-    unlabeled = None
+    unlabeled, unl_src, num_unlabeled = None, None, None
     if algo_cls_uses_unlabeled:
-        sets = [load_source(s, cfg.data) for s in cfg.data.unlabeled]
-        if rest is not None and cfg.data.rest_as_unlabeled:
-            sets.append(rest)
-        if not sets:
-            raise ValueError(f"{cfg.ssl.algorithm} needs unlabeled data: set data.unlabeled")
-        unlabeled = _concat(sets, "unlabeled")
-    algo = build_algorithm(cfg.ssl, C, labeled.class_counts(C),
-                           num_unlabeled=len(unlabeled) if unlabeled is not None else None,
+        streamed = [s for s in cfg.data.unlabeled if is_streamed_spec(s)]
+        if streamed:
+            # Face-recognition-scale sources: decoded in loader workers, never held in memory.
+            if len(streamed) != len(cfg.data.unlabeled) or (rest is not None and cfg.data.rest_as_unlabeled):
+                raise ValueError("streamed unlabeled sources (stream:/wds:/recordio:/list:) cannot be mixed with "
+                                 "in-memory ones yet; use only streamed sources and data.rest_as_unlabeled: false")
+            from semifer.data.unlabeled import MixedSource, StreamingBatchSource, open_unlabeled
+            srcs = [open_unlabeled(s) for s in streamed]
+            src = srcs[0] if len(srcs) == 1 else MixedSource([(x, 1.0) for x in srcs])
+            unl_src = StreamingBatchSource(src, cfg.optim.batch_size * cfg.ssl.mu, cfg.data.image_size,
+                                           cfg.data.channels, cfg.run.seed, rank, world,
+                                           num_workers=cfg.data.num_workers, stream=2)
+            num_unlabeled = len(unl_src) if unl_src.has_index else None
+        else:
+            sets = [load_source(s, cfg.data) for s in cfg.data.unlabeled]
+            if rest is not None and cfg.data.rest_as_unlabeled:
+                sets.append(rest)
+            if not sets:
+                raise ValueError(f"{cfg.ssl.algorithm} needs unlabeled data: set data.unlabeled")
+            unlabeled = _concat(sets, "unlabeled")
+            unl_src = InMemorySource(unlabeled, cfg.optim.batch_size * cfg.ssl.mu, cfg.run.seed, rank, world, stream=2)
+            num_unlabeled = len(unlabeled)
+    algo = build_algorithm(cfg.ssl, C, labeled.class_counts(C), num_unlabeled=num_unlabeled,
                            imbalance=cfg.optim.imbalance).to(device)
     opt = make_optimizer(cfg.optim, model)
     lab_src = InMemorySource(labeled, cfg.optim.batch_size, cfg.run.seed, rank, world, stream=1)
-    unl_src = (InMemorySource(unlabeled, cfg.optim.batch_size * cfg.ssl.mu, cfg.run.seed, rank, world, stream=2)
-               if unlabeled is not None else None)
 
     step, wall_s, best = 0, 0.0, {"macro_f1": -1.0, "step": -1}
     last_path, best_path = run_dir / LAST, run_dir / BEST
@@ -196,7 +209,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     teacher: nn.Module = student if cfg.ssl.teacher == "self" else ema
     if step == 0:
         logger.log({"kind": "info", "step": 0, "labeled": len(labeled), "val": len(val),
-                    "unlabeled": len(unlabeled) if unlabeled is not None else 0, "device": str(device),
+                    "unlabeled": num_unlabeled if num_unlabeled is not None else "streamed", "device": str(device),
                     "world_size": world, "amp": str(amp), "skipped": _skipped(labeled, val, unlabeled)})
 
     total = cfg.optim.steps
@@ -216,8 +229,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
         if unl_src is not None and algo.wants_unlabeled(step):
             ub = unl_src.batch(step)
             xu = ub["x"].to(device, non_blocking=True)
-            batch.update(x_uw=weak_view(xu, gen), x_us=strong_view(xu, gen), idx_u=ub["idx"].to(device),
-                         y_u_true=ub["y_true"].to(device) if ub["y_true"] is not None else None)
+            batch.update(x_uw=weak_view(xu, gen), x_us=strong_view(xu, gen),
+                         idx_u=ub["idx"].to(device) if ub.get("idx") is not None else None,
+                         y_u_true=ub["y_true"].to(device) if ub.get("y_true") is not None else None)
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             loss, logs = algo.step(student, teacher, batch, step)
         opt.zero_grad(set_to_none=True)
@@ -254,6 +268,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
                 _save_training_state(last_path, step, model, ema, algo, opt, best, elapsed, cfg)
     if bar is not None:
         bar.close()
+    if unl_src is not None and hasattr(unl_src, "close"):
+        if unl_src.skipped and dist.is_main():
+            logger.log({"kind": "info", "step": step, "unlabeled_skipped": dict(unl_src.skipped)})
+            print(f"semifer: unlabeled stream skipped {sum(unl_src.skipped.values())} unusable inputs: {dict(unl_src.skipped)}")
+        unl_src.close()
     wall_s += time.perf_counter() - t0
     completed = step >= total
     plots: list[Path] = []
@@ -268,6 +287,14 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
         logger.close()
     return RunResult(run_dir, cfg.ssl.algorithm, step, completed, int(best.get("step", -1)),
                      {k: v for k, v in best.items() if k != "step"}, wall_s, plots)
+
+
+def is_streamed_spec(spec: str) -> bool:
+    """Unlabeled specs read by :mod:`semifer.data.unlabeled` instead of decoded into memory."""
+    from semifer.registry import FORMATS, UNLABELED_SOURCES
+
+    kind = spec.split(":", 1)[0]
+    return kind == "stream" or (kind in UNLABELED_SOURCES and kind not in FORMATS)
 
 
 def _skipped(*sets: ImageSet | None) -> dict[str, dict[str, int]]:
