@@ -31,3 +31,12 @@ def test_yaml_file(tmp_path):
     p.write_text("ssl:\n  algoritm: fixmatch\n")
     with pytest.raises(ConfigError, match="algoritm"):
         load_config(p)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 2
+    for p in configs:
+        load_config(p)  # raises on unknown keys or wrong types

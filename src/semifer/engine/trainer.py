@@ -207,10 +207,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     if world > 1:
         student = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     teacher: nn.Module = student if cfg.ssl.teacher == "self" else ema
+    skipped = {s.name: s.skipped for s in (labeled, val, unlabeled) if s is not None and s.skipped}
     if step == 0:
         logger.log({"kind": "info", "step": 0, "labeled": len(labeled), "val": len(val),
                     "unlabeled": num_unlabeled if num_unlabeled is not None else "streamed", "device": str(device),
-                    "world_size": world, "amp": str(amp), "skipped": _skipped(labeled, val, unlabeled)})
+                    "world_size": world, "amp": str(amp), "skipped": skipped})
 
     total = cfg.optim.steps
     end = total if stop_after is None else min(total, step + stop_after)
@@ -268,17 +269,19 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
                 _save_training_state(last_path, step, model, ema, algo, opt, best, elapsed, cfg)
     if bar is not None:
         bar.close()
-    if unl_src is not None and hasattr(unl_src, "close"):
-        if unl_src.skipped and dist.is_main():
+    if unl_src is not None and hasattr(unl_src, "close"):  # a streamed source: its workers found bad files
+        if unl_src.skipped:
+            skipped["unlabeled stream"] = dict(unl_src.skipped)
             logger.log({"kind": "info", "step": step, "unlabeled_skipped": dict(unl_src.skipped)})
-            print(f"semifer: unlabeled stream skipped {sum(unl_src.skipped.values())} unusable inputs: {dict(unl_src.skipped)}")
         unl_src.close()
     wall_s += time.perf_counter() - t0
     completed = step >= total
     plots: list[Path] = []
     if dist.is_main():
         if completed:
-            _write_results(run_dir, cfg, best, step, wall_s)
+            _write_results(run_dir, cfg, best, step, wall_s, skipped)
+        for name, counts in skipped.items():
+            print(f"semifer: {name}: skipped {sum(counts.values())} unusable inputs {counts}")
         logger.log({"kind": "info", "step": step, "event": "end", "completed": completed, "wall_s": wall_s})
         logger.close()
         from semifer.engine.plots import write_plots
@@ -297,23 +300,17 @@ def is_streamed_spec(spec: str) -> bool:
     return kind == "stream" or (kind in UNLABELED_SOURCES and kind not in FORMATS)
 
 
-def _skipped(*sets: ImageSet | None) -> dict[str, dict[str, int]]:
-    """Unusable inputs per source, by reason (logged, and printed when there are any)."""
-    out = {s.name: s.skipped for s in sets if s is not None and s.skipped}
-    for name, counts in out.items():
-        print(f"semifer: {name}: skipped {sum(counts.values())} unusable inputs: {counts}")
-    return out
-
-
 def _algorithm_uses_unlabeled(name: str) -> bool:
     from semifer.registry import ALGORITHMS
     return bool(ALGORITHMS.get(name).uses_unlabeled)
 
 
-def _write_results(run_dir: Path, cfg: TrainConfig, best: dict, steps: int, wall_s: float) -> None:
+def _write_results(run_dir: Path, cfg: TrainConfig, best: dict, steps: int, wall_s: float,
+                   skipped: dict | None = None) -> None:
     out = {"algorithm": cfg.ssl.algorithm, "steps": steps, "wall_s": wall_s, "best_step": best.get("step"),
            "macro_f1": best.get("macro_f1"), "accuracy": best.get("accuracy"),
-           "per_class_f1": best.get("per_class_f1"), "confusion": best.get("confusion")}
+           "per_class_f1": best.get("per_class_f1"), "confusion": best.get("confusion"),
+           "skipped": skipped or {}}
     tmp = run_dir / (RESULTS + ".tmp")
     tmp.write_text(json.dumps(to_plain(out), indent=2))
     tmp.replace(run_dir / RESULTS)
