@@ -38,3 +38,13 @@ def test_training_on_a_split_saves_it_and_uses_the_rest_as_unlabeled(tiny_data, 
     info = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()
             if '"info"' in line][0]
     assert info["labeled"] == 16 and info["unlabeled"] == 32
+
+
+def test_pseudo_label_accuracy_uses_the_known_part_of_a_mixed_unlabeled_set(tiny_data, tmp_path):
+    from semifer.engine.runlog import read_metrics
+
+    cfg = tiny_config(tiny_data, tmp_path / "r", algorithm="fixmatch", steps=4, ssl={"tau": 0.0},
+                      data={"labeled_per_class": 2})  # rest has hidden truth, the npz set has none
+    res = semifer.train(cfg)
+    train = [r for r in read_metrics(res.run_dir) if r["kind"] == "train"]
+    assert all(r.get("pseudo_acc") is not None and 0.0 <= r["pseudo_acc"] <= 1.0 for r in train)

@@ -105,8 +105,10 @@ def _concat(sets: list[ImageSet], name: str) -> ImageSet:
     if len(sets) == 1:
         return sets[0]
     tl = None
-    if all(s.true_labels is not None for s in sets):
-        tl = torch.cat([s.true_labels for s in sets])
+    if any(s.true_labels is not None for s in sets):
+        # Hidden truth where a source has it (e.g. the labeled set's held-out rest), -1 elsewhere.
+        tl = torch.cat([s.true_labels if s.true_labels is not None else torch.full((len(s),), -1, dtype=torch.long)
+                        for s in sets])
     skipped: dict[str, int] = {}
     for s in sets:
         for reason, n in s.skipped.items():

@@ -110,8 +110,9 @@ class PseudoLabelAlgorithm(Algorithm):
         mix = torch.zeros(self.num_classes, device=mask.device).scatter_add_(0, pseudo, mask.float())
         logs["pseudo_class_mix"] = mix / accepted.clamp_min(1.0)
         if batch.get("y_u_true") is not None:
-            hit = (pseudo == batch["y_u_true"]).float() * mask
-            logs["pseudo_acc"] = hit.sum() / accepted.clamp_min(1.0)
+            known = (batch["y_u_true"] >= 0).float() * mask  # accepted samples whose truth is known
+            hit = (pseudo == batch["y_u_true"]).float() * known
+            logs["pseudo_acc"] = hit.sum() / known.sum().clamp_min(1.0)
         return loss, logs
 
 
