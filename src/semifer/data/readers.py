@@ -167,6 +167,28 @@ def _bad(file: Path | str, line: int, msg: str) -> ValueError:
     return ValueError(f"{file}:{line}: {msg}")
 
 
+def _csv_with_header(fh, file: Path, required: tuple[str, ...], expected: str):
+    """A csv reader past the header, and the lower-cased column names; errors name FILE:1."""
+    reader = csv.reader(fh)
+    header = next(reader, None)
+    if header is None:
+        raise _bad(file, 1, f"empty file (expected a header with {expected})")
+    cols = [h.strip().lower() for h in header]
+    if any(c not in cols for c in required):
+        raise _bad(file, 1, f"header must name {expected}, got {header}")
+    return reader, cols
+
+
+def _rows(reader, file: Path, cols: list[str]):
+    """(line number, row) for each non-blank row; a row with the wrong column count is an error."""
+    for row in reader:
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(cols):
+            raise _bad(file, reader.line_num, f"expected {len(cols)} columns ({','.join(cols)}), got {len(row)}")
+        yield reader.line_num, row
+
+
 def _choice(option: str, value: str, allowed: dict[str, str]) -> str:
     key = value.strip().lower()
     if key not in allowed:
@@ -266,23 +288,12 @@ def csv_manifest(path: str, cfg: Any, split: str | None = None, root: str | None
     counter = SkipCounter()
     records: list[Record] = []
     with open(manifest, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise _bad(manifest, 1, "empty manifest (expected a header path,label[,split])")
-        cols = [h.strip().lower() for h in header]
-        if "path" not in cols or "label" not in cols:
-            raise _bad(manifest, 1, f"header must name columns path,label[,split], got {header}")
+        reader, cols = _csv_with_header(fh, manifest, ("path", "label"), "columns path,label[,split]")
         ip, il = cols.index("path"), cols.index("label")
         isplit = cols.index("split") if "split" in cols else None
         if split is not None and isplit is None:
             raise ValueError(f"{manifest}: option split={split!r} given but the manifest has no split column")
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(cols):
-                raise _bad(manifest, line, f"expected {len(cols)} columns ({','.join(cols)}), got {len(row)}")
+        for line, row in _rows(reader, manifest, cols):
             if split is not None and row[isplit].strip() != split:
                 continue
             rel, lab = row[ip].strip(), row[il].strip()
@@ -335,12 +346,7 @@ def fer2013(path: str, cfg: Any, split: str | None = None) -> ImageSet:
             ius = cols.index("usage") if "usage" in cols else None
             if usage is not None and ius is None:
                 raise ValueError(f"{file}: option split={split!r} given but the file has no Usage column")
-            for row in reader:
-                line = reader.line_num
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) != len(cols):
-                    raise _bad(file, line, f"expected {len(cols)} columns, got {len(row)}")
+            for line, row in _rows(reader, file, cols):
                 if usage is not None and row[ius].strip() != usage:
                     continue
                 y = -1
@@ -435,22 +441,12 @@ def affectnet(path: str, cfg: Any, root: str | None = None, contempt: str = "oth
     counter = SkipCounter()
     records: list[Record] = []
     with open(file, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise _bad(file, 1, "empty file (expected the AffectNet header)")
-        cols = [h.strip().lower() for h in header]
-        if "subdirectory_filepath" not in cols or "expression" not in cols:
-            raise _bad(file, 1, f"header must contain subDirectory_filePath and expression, got {header}")
+        reader, cols = _csv_with_header(fh, file, ("subdirectory_filepath", "expression"),
+                                        "subDirectory_filePath and expression (the AffectNet header)")
         ip, ie = cols.index("subdirectory_filepath"), cols.index("expression")
         ibox = [cols.index(c) if c in cols else None for c in ("face_x", "face_y", "face_width", "face_height")]
         last_good = 0
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(cols):
-                raise _bad(file, line, f"expected {len(cols)} columns, got {len(row)}")
+        for line, row in _rows(reader, file, cols):
             e = row[ie].strip()
             if not (e.isdigit() and int(e) in lut):
                 raise _bad(file, line, f"expression {e!r} is not an integer 0..10")

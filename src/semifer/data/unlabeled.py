@@ -81,8 +81,28 @@ def _indexed_stream(src, seed: int, rank: int, world: int, worker: int, num_work
 
 
 # --------------------------------------------------------------------------- folder / list
+class _PathListSource:
+    """Shared part of the indexed sources backed by a table of relative paths under ``root``."""
+
+    root: str
+    paths: "_StringTable"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i])
+
+    def read(self, i: int) -> Item:
+        p = self.path(i)
+        return p, p, None
+
+    def samples(self, seed: int, rank: int = 0, world: int = 1, worker: int = 0, num_workers: int = 1) -> Iterator[Item]:
+        return _indexed_stream(self, seed, rank, world, worker, num_workers)
+
+
 @UNLABELED_SOURCES.register("folder")
-class ImageFolderSource:
+class ImageFolderSource(_PathListSource):
     """Every jpg/jpeg/png/bmp/webp under ``root`` (recursive, case-insensitive, sorted); indexed.
 
     Symlinked folders are followed once (by real path), so symlink loops cannot hang the scan.
@@ -111,25 +131,12 @@ class ImageFolderSource:
         found.sort()
         self.paths = _StringTable(found)
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def path(self, i: int) -> str:
-        return os.path.join(self.root, self.paths[i])
-
-    def read(self, i: int) -> Item:
-        p = self.path(i)
-        return p, p, None
-
-    def samples(self, seed: int, rank: int = 0, world: int = 1, worker: int = 0, num_workers: int = 1) -> Iterator[Item]:
-        return _indexed_stream(self, seed, rank, world, worker, num_workers)
-
     def describe(self) -> str:
         return f"folder:{self.root} ({len(self)} images)"
 
 
 @UNLABELED_SOURCES.register("list")
-class FileListSource:
+class FileListSource(_PathListSource):
     """One image path per line, relative to the list's folder (or ``root``); ``#`` comments, blanks ignored.
 
     Paths that resolve outside the root are skipped and counted (``skipped['path escapes root']``).
@@ -155,19 +162,6 @@ class FileListSource:
                 keep.append(os.path.relpath(full, base))
         self.skipped = counter.as_dict()
         self.paths = _StringTable(keep)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def path(self, i: int) -> str:
-        return os.path.join(self.root, self.paths[i])
-
-    def read(self, i: int) -> Item:
-        p = self.path(i)
-        return p, p, None
-
-    def samples(self, seed: int, rank: int = 0, world: int = 1, worker: int = 0, num_workers: int = 1) -> Iterator[Item]:
-        return _indexed_stream(self, seed, rank, world, worker, num_workers)
 
     def describe(self) -> str:
         return f"list:{self.list_file} ({len(self)} images, root {self.root})"
