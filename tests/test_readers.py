@@ -458,6 +458,7 @@ def test_affwild2_labeled_modes_and_splits(tmp_path):
     assert unl.labels.tolist() == [-1, -1, -1] and unl.frames[-1] == ("video2_left", 4)
     allf = load_source(f"affwild2:{tmp_path}?split=train&labeled=all", cfg)
     assert len(allf) == 9 and (allf.labels == -1).sum() == 3
+    assert allf.frames is not None and len(allf.frames) == 9  # survives load_source
     val = FORMATS.get("affwild2")(str(tmp_path), cfg, split="val")
     assert val.labels.tolist() == [6, 3]
     one = FORMATS.get("affwild2")(str(tmp_path), cfg, split="train", videos="video2_left")

@@ -49,3 +49,14 @@ def test_streamed_and_in_memory_sources_cannot_mix_yet(tiny_data, unlabeled_dirs
                       data={"unlabeled": [unlabeled_dirs["wds"], tiny_data["unlabeled"]]})
     with pytest.raises(ValueError, match="cannot be mixed"):
         semifer.train(cfg)
+
+
+def test_streamed_sources_mix_with_weights(tiny_data, unlabeled_dirs, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "r", algorithm="dtm", steps=2,
+                      data={"unlabeled": [unlabeled_dirs["wds"], unlabeled_dirs["folder"]],
+                            "unlabeled_weights": [3.0, 1.0], "num_workers": 1})
+    assert semifer.train(cfg).completed
+    bad = tiny_config(tiny_data, tmp_path / "bad", algorithm="dtm", steps=2,
+                      data={"unlabeled": [unlabeled_dirs["wds"]], "unlabeled_weights": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="one positive weight"):
+        semifer.train(bad)

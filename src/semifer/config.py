@@ -36,6 +36,7 @@ class DataConfig:
     split_seed: int = 0
     rest_as_unlabeled: bool = True   # the labeled source's left-out images join the unlabeled set
     num_workers: int = 2             # decoding workers for streamed unlabeled sources
+    unlabeled_weights: list[float] = field(default_factory=list)  # mixing weights of streamed sources (default equal)
     # Embedded demo data (used by the ``synthetic`` format only).
     synthetic_seed: int = 0
     synthetic_labeled_per_class: int = 25

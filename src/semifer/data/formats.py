@@ -62,7 +62,7 @@ def _load_uncached(spec: str, cfg: DataConfig) -> ImageSet:
     except TypeError as e:
         raise ValueError(f"{spec}: unsupported option for format {fmt!r} ({e})") from None
     return ImageSet(conform(data.images, cfg.image_size, cfg.channels), data.labels, data.true_labels,
-                    name=spec, skipped=dict(data.skipped))
+                    name=spec, skipped=dict(data.skipped), frames=data.frames)
 
 
 @lru_cache(maxsize=4)

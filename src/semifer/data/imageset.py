@@ -23,6 +23,7 @@ class ImageSet:
     true_labels: torch.Tensor | None = None  # hidden labels of synthetic unlabeled data (diagnostics only)
     name: str = ""
     skipped: dict[str, int] = field(default_factory=dict)  # unusable inputs by reason (see data/decode.py)
+    frames: list[tuple[str, int]] | None = None  # (video, 1-based frame) per sample, for video sources
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:

@@ -648,6 +648,6 @@ def affwild2(path: str, cfg: Any, split: str | None = None, videos: str = "", la
             records.append((vdir / fname, y if mode != "0" else -1, where, None))
     data, kept = decode_records(records, cfg, counter, name=f"affwild2:{path}")
     # (video, frame) of every row, for ABAW prediction writers; load_source does not carry it over.
-    data.frames = [(w.rsplit("/", 1)[0], int(w.rsplit("/", 1)[1][:-4])) for w in kept]  # type: ignore[attr-defined]
+    data.frames = [(w.rsplit("/", 1)[0], int(w.rsplit("/", 1)[1][:-4])) for w in kept]
     return data
 

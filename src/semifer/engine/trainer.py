@@ -176,12 +176,18 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
                                  "in-memory ones yet; use only streamed sources and data.rest_as_unlabeled: false")
             from semifer.data.unlabeled import MixedSource, StreamingBatchSource, open_unlabeled
             srcs = [open_unlabeled(s) for s in streamed]
-            src = srcs[0] if len(srcs) == 1 else MixedSource([(x, 1.0) for x in srcs])
+            weights = cfg.data.unlabeled_weights or [1.0] * len(srcs)
+            if len(weights) != len(srcs) or min(weights) <= 0:
+                raise ValueError(f"data.unlabeled_weights needs one positive weight per unlabeled source, got {weights}")
+            src = srcs[0] if len(srcs) == 1 else MixedSource(list(zip(srcs, weights)))
             unl_src = StreamingBatchSource(src, cfg.optim.batch_size * cfg.ssl.mu, cfg.data.image_size,
                                            cfg.data.channels, cfg.run.seed, rank, world,
                                            num_workers=cfg.data.num_workers, stream=2)
             num_unlabeled = len(unl_src) if unl_src.has_index else None
         else:
+            if cfg.data.unlabeled_weights:
+                raise ValueError("data.unlabeled_weights applies to streamed sources; in-memory sets are "
+                                 "concatenated and sampled uniformly")
             sets = [load_source(s, cfg.data) for s in cfg.data.unlabeled]
             if rest is not None and cfg.data.rest_as_unlabeled:
                 sets.append(rest)
