@@ -56,12 +56,83 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _detector_options(a: argparse.Namespace) -> dict:
+    """--detector-model / --det-threshold / --detector-opt KEY=VALUE -> detector keyword arguments."""
+    opts: dict = {}
+    for item in a.detector_opt or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--detector-opt wants KEY=VALUE, got {item!r}")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    if a.detector_model:
+        opts["model"] = a.detector_model
+    if a.det_threshold is not None:
+        opts["threshold"] = a.det_threshold
+    return opts
+
+
+def _add_detector_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detector", default="dlib", help="registered face detector (semifer detectors)")
+    p.add_argument("--detector-model", help="model file of an ONNX detector (e.g. SCRFD det_10g.onnx)")
+    p.add_argument("--det-threshold", type=float, help="detector score threshold")
+    p.add_argument("--detector-opt", action="append", metavar="KEY=VALUE", help="other detector option, e.g. upsample=0")
+    p.add_argument("--every", type=int, default=1, help="use every N-th video frame")
+    p.add_argument("--max-frames", type=int, help="stop each video/camera after this many frames")
+
+
+def _cmd_prepare(a: argparse.Namespace) -> int:
+    from semifer.faces.prepare import prepare
+
+    rep = prepare(a.inputs, a.out, detector=a.detector, detector_options=_detector_options(a), workers=a.workers,
+                  every=a.every, ext=a.format, size=a.size, max_frames=a.max_frames, progress=not a.quiet)
+    print(rep.summary())
+    return 0
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from semifer.infer import Predictor
+    from semifer.infer.run import predict_media
+
+    pred = Predictor(a.checkpoint, detector=a.detector, detector_options=_detector_options(a),
+                     device=a.device, batch_size=a.batch_size)
+    rep = predict_media(pred, a.inputs, a.out, every=a.every, smooth=a.smooth, annotate=a.annotate,
+                        max_frames=a.max_frames, abaw=a.abaw, fill=a.fill, progress=not a.quiet)
+    print(rep.summary())
+    for f in rep.abaw_files:
+        print(f"ABAW: {f}")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from semifer.infer.onnx_export import export_onnx
+
+    print(f"wrote {export_onnx(a.checkpoint, a.onnx, opset=a.opset)}")
+    return 0
+
+
+def _cmd_abaw(a: argparse.Namespace) -> int:
+    from semifer.infer.run import write_abaw_from_csv
+
+    counts = None
+    if a.frame_counts:
+        import csv
+
+        with open(a.frame_counts, newline="") as f:
+            counts = {row[0]: int(row[1]) for row in csv.reader(f) if row and row[1].strip().isdigit()}
+    for path in write_abaw_from_csv(a.predictions, a.out, layout=a.layout, fill=a.fill, frame_counts=counts):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_list(kind: str):
     def run(a: argparse.Namespace) -> int:
         import semifer  # noqa: F401  (fills the registries)
         from semifer import registry
 
-        reg = {"algorithms": registry.ALGORITHMS, "formats": registry.FORMATS,
+        reg = {"algorithms": registry.ALGORITHMS, "formats": registry.FORMATS, "detectors": registry.DETECTORS,
                "thresholds": registry.THRESHOLDS}.get(kind)
         if kind == "backbones":
             from semifer.models.backbones import describe_backbones
@@ -109,7 +180,46 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override the demo's step count")
     d.set_defaults(func=_cmd_demo)
 
-    for kind in ("algorithms", "backbones", "formats", "thresholds"):
+    pr = sub.add_parser("prepare", help="detect, align and crop faces of images, folders and videos")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder or video file")
+    pr.add_argument("--out", required=True, help="output folder (re-running resumes)")
+    _add_detector_args(pr)
+    pr.add_argument("--workers", type=int, default=2, help="worker processes (one source each)")
+    pr.add_argument("--format", default="jpg", choices=["jpg", "png"], help="crop file format")
+    pr.add_argument("--size", type=int, default=112, help="crop size (the ArcFace template is scaled)")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=_cmd_prepare)
+
+    pp = sub.add_parser("predict", help="expressions of every face in images, folders, videos or cam:N")
+    pp.add_argument("checkpoint", help="run directory, checkpoint file or exported .onnx")
+    pp.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, video file or cam:N")
+    pp.add_argument("--out", required=True, help="folder for predictions.csv (and annotated/, abaw/)")
+    _add_detector_args(pp)
+    pp.add_argument("--batch-size", type=int, default=64, help="faces per classifier batch")
+    pp.add_argument("--smooth", type=float, default=0.0, help="video: exponential smoothing alpha in [0, 1)")
+    pp.add_argument("--annotate", action="store_true", help="write annotated images/videos to OUT/annotated/")
+    pp.add_argument("--abaw", choices=["txt", "single"], help="also write ABAW files (per-video .txt or one file)")
+    pp.add_argument("--fill", default="nearest", choices=["nearest", "previous", "neutral"],
+                    help="ABAW label for frames without a face")
+    pp.add_argument("--device", default="cpu")
+    pp.add_argument("--quiet", action="store_true")
+    pp.set_defaults(func=_cmd_predict)
+
+    ex = sub.add_parser("export", help="export a checkpoint to ONNX")
+    ex.add_argument("checkpoint", help="run directory (best checkpoint) or checkpoint file")
+    ex.add_argument("--onnx", required=True, help="output .onnx file")
+    ex.add_argument("--opset", type=int, default=18)
+    ex.set_defaults(func=_cmd_export)
+
+    ab = sub.add_parser("abaw", help="ABAW challenge files from a predictions.csv")
+    ab.add_argument("predictions", help="predictions.csv written by semifer predict")
+    ab.add_argument("--out", required=True, help="folder for abaw/*.txt or abaw_predictions.txt")
+    ab.add_argument("--layout", default="txt", choices=["txt", "single"])
+    ab.add_argument("--fill", default="nearest", choices=["nearest", "previous", "neutral"])
+    ab.add_argument("--frame-counts", help="CSV of VIDEO,FRAMES (default: decode each video to count)")
+    ab.set_defaults(func=_cmd_abaw)
+
+    for kind in ("algorithms", "backbones", "formats", "thresholds", "detectors"):
         sub.add_parser(kind, help=f"list registered {kind}").set_defaults(func=_cmd_list(kind))
     return p
 
@@ -120,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RunDirConflict) as e:
+    except (ValueError, KeyError, FileNotFoundError, ImportError, RunDirConflict) as e:
         print(f"semifer: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,97 @@
+"""``semifer.Predictor``: faces and expression probabilities for one image.
+
+>>> p = semifer.Predictor("runs/mine")            # or a checkpoint file, or model.onnx
+>>> r = p.predict("photo.jpg")                     # path, PIL image or RGB uint8 array
+>>> r.boxes, r.probs, r.labels                     # (N, 4), (N, 8), ["Happiness", ...]
+
+Faces are found by a registered detector, aligned to the 112x112 ArcFace frame (as
+``semifer prepare`` writes them) and resized to the model's input size and channels,
+the same way training images are decoded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from semifer.data.decode import decode_image
+from semifer.faces.align import align_face
+from semifer.faces.detectors import Face, build_detector
+from semifer.infer.onnx_export import load_classifier
+from semifer.labels import ABAW_LABELS
+
+
+@dataclass
+class Prediction:
+    """Faces of one image: boxes (N, 4) x1 y1 x2 y2, detector scores (N,), landmarks (N, 5, 2), probs (N, 8)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    landmarks: np.ndarray
+    probs: np.ndarray
+
+    @property
+    def labels(self) -> list[str]:
+        return [ABAW_LABELS[i] for i in self.probs.argmax(1)] if len(self.probs) else []
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+def as_rgb(image) -> np.ndarray:
+    """A path, PIL image or array (H, W[, 1|3|4]) -> RGB uint8 (H, W, 3)."""
+    if isinstance(image, (str, Path)):
+        from semifer.faces.media import load_rgb
+
+        arr, reason = load_rgb(image)
+        if arr is None:
+            raise ValueError(f"{image}: {reason}")
+        return arr
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image array, got {arr.dtype}")
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
+        return np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=2)
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return np.ascontiguousarray(arr[..., :3])
+    raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {arr.shape}")
+
+
+class Predictor:
+    """Detector + aligned crops + classifier (torch checkpoint or exported ``.onnx``)."""
+
+    def __init__(self, model: Path | str, detector: str = "dlib", detector_options: dict | None = None,
+                 device: str = "cpu", batch_size: int = 64) -> None:
+        self.classifier = load_classifier(model, device)
+        self.detector_name = detector
+        self.detector = build_detector(detector, **(detector_options or {}))
+        self.batch_size = int(batch_size)
+
+    def detect(self, image: np.ndarray) -> tuple[list[Face], list[np.ndarray]]:
+        """Faces of an RGB image and their aligned 112x112 crops."""
+        faces = self.detector(image)
+        return faces, [align_face(image, f.landmarks, f.scheme) for f in faces]
+
+    def classify(self, crops: list[np.ndarray]) -> np.ndarray:
+        """Probabilities (N, 8) for aligned RGB crops, ``batch_size`` at a time."""
+        c = self.classifier
+        if not crops:
+            return np.zeros((0, len(ABAW_LABELS)), np.float32)
+        out = []
+        for start in range(0, len(crops), self.batch_size):
+            x = np.stack([decode_image(crop, c.image_size, c.channels)[0] for crop in crops[start:start + self.batch_size]])
+            out.append(c(x.astype(np.float32) / 255.0))
+        return np.concatenate(out)
+
+    def predict(self, image) -> Prediction:
+        """Boxes, scores, landmarks and probabilities of every face in ``image``."""
+        rgb = as_rgb(image)
+        faces, crops = self.detect(rgb)
+        return Prediction(np.array([f.box for f in faces]).reshape(-1, 4),
+                          np.array([f.score for f in faces], np.float64),
+                          np.array([f.landmarks for f in faces]).reshape(-1, 5, 2),
+                          self.classify(crops))

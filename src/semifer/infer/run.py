@@ -1,0 +1,256 @@
+"""``semifer predict``: expression probabilities for every face of every frame.
+
+``OUT/predictions.csv`` has one row per face per frame (PRED_COLUMNS); a frame without a
+face gets one row with an empty ``face``, box and probabilities and the label ``none``.
+The file is written as ``.predictions.csv.partial`` and renamed when the run ends, so a
+finished file is always complete. Unreadable inputs are skipped and counted.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from semifer.data.decode import SkipCounter
+from semifer.faces.media import VIDEO_EXTS, Media, MediaError, count_frames, expand_inputs, iter_frames
+from semifer.labels import ABAW_LABELS
+
+PRED_COLUMNS = ["source", "frame", "timestamp", "face", "x1", "y1", "x2", "y2", "score", *ABAW_LABELS, "label"]
+NO_FACE = "none"
+
+
+@dataclass
+class PredictReport:
+    """Counts and timings of one ``predict`` call."""
+
+    csv: Path
+    sources: int = 0
+    frames: int = 0
+    faces: int = 0
+    rows: int = 0
+    detect_s: float = 0.0
+    classify_s: float = 0.0
+    seconds: float = 0.0
+    skips: SkipCounter = field(default_factory=SkipCounter)
+    abaw_files: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        fps = self.frames / self.seconds if self.seconds > 0 else 0.0
+        per_face = 1000 * self.classify_s / self.faces if self.faces else 0.0
+        per_frame = 1000 * self.detect_s / self.frames if self.frames else 0.0
+        return (f"{self.sources} sources, {self.frames} frames, {self.faces} faces -> {self.rows} rows in "
+                f"{self.seconds:.1f} s: {fps:.1f} frames/s, {self.faces / max(self.seconds, 1e-9):.1f} faces/s "
+                f"(detect+align {per_frame:.1f} ms/frame, classify {per_face:.2f} ms/face); "
+                f"{self.skips.summary()}; wrote {self.csv}")
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix between boxes a (N, 4) and b (M, 4)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area = lambda x: np.clip(x[:, 2:] - x[:, :2], 0, None).prod(-1)  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+class Smoother:
+    """Exponential smoothing of each face's probabilities along a video.
+
+    A face continues the previous frame's face it overlaps most (IoU >= 0.3, greedy);
+    ``p_t = alpha * p_prev + (1 - alpha) * p_now``. New faces start unsmoothed.
+    """
+
+    def __init__(self, alpha: float, min_iou: float = 0.3) -> None:
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"smoothing alpha must be in [0, 1), got {alpha}")
+        self.alpha, self.min_iou = alpha, min_iou
+        self.boxes = np.zeros((0, 4))
+        self.probs = np.zeros((0, len(ABAW_LABELS)))
+
+    def __call__(self, boxes: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        out = probs.astype(np.float64).copy()
+        if self.alpha > 0 and len(boxes) and len(self.boxes):
+            iou = _iou(boxes, self.boxes)
+            for _ in range(min(iou.shape)):
+                i, j = np.unravel_index(iou.argmax(), iou.shape)
+                if iou[i, j] < self.min_iou:
+                    break
+                out[i] = self.alpha * self.probs[j] + (1 - self.alpha) * probs[i]
+                iou[i, :], iou[:, j] = -1, -1
+        self.boxes, self.probs = boxes, out
+        return out
+
+
+def _annotate(rgb: np.ndarray, boxes: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    img = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(img)
+    width = max(2, round(max(rgb.shape[:2]) / 300))
+    for box, p in zip(boxes, probs):
+        k = int(p.argmax())
+        draw.rectangle([float(v) for v in box], outline=(255, 220, 0), width=width)
+        draw.text((float(box[0]), max(0.0, float(box[1]) - 12)), f"{ABAW_LABELS[k]} {p[k]:.2f}", fill=(255, 220, 0))
+    return np.asarray(img)
+
+
+class _Annotator:
+    """Writes annotated images (JPEG) and videos (mp4v) under OUT/annotated/."""
+
+    def __init__(self, out: Path, media: Media, fps: float) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(media.path).stem)[:60] or "source"
+        self.base = out / f"{stem}_{hashlib.sha1(media.path.encode()).hexdigest()[:8]}"
+        self.video = media.kind != "image"
+        self.fps, self.writer = fps, None
+
+    def add(self, rgb: np.ndarray) -> None:
+        if not self.video:
+            Image.fromarray(rgb).save(self.base.with_suffix(".jpg"), quality=90)
+            return
+        import cv2
+
+        if self.writer is None:
+            self.writer = cv2.VideoWriter(str(self.base.with_suffix(".mp4")), cv2.VideoWriter_fourcc(*"mp4v"),
+                                          self.fps or 25.0, (rgb.shape[1], rgb.shape[0]))
+        self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+
+
+def _rows(source: str, index: int, ts: float, boxes, scores, probs) -> list[list]:
+    if len(boxes) == 0:
+        return [[source, index, f"{ts:.3f}", "", "", "", "", "", "", *[""] * len(ABAW_LABELS), NO_FACE]]
+    return [[source, index, f"{ts:.3f}", k, *(f"{v:.1f}" for v in b), f"{s:.4f}", *(f"{v:.6f}" for v in p),
+             ABAW_LABELS[int(p.argmax())]] for k, (b, s, p) in enumerate(zip(boxes, scores, probs))]
+
+
+def predict_media(predictor, inputs: list[str], out: Path | str, every: int = 1, smooth: float = 0.0,
+                  annotate: bool = False, max_frames: int | None = None, abaw: str | None = None,
+                  fill: str = "nearest", progress: bool = True) -> PredictReport:
+    """Run ``predictor`` over images, folders, videos and ``cam:N``; write ``out/predictions.csv``.
+
+    ``abaw`` = ``txt`` (one file per video under ``out/abaw/``) or ``single``
+    (``out/abaw_predictions.txt``) also writes ABAW files (see :mod:`semifer.infer.abaw`).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if abaw not in (None, "txt", "single"):
+        raise ValueError(f"--abaw must be txt or single, got {abaw!r}")
+    report = PredictReport(out / "predictions.csv")
+    t0 = time.perf_counter()
+    media = expand_inputs(inputs, report.skips)
+    partial = out / ".predictions.csv.partial"
+    with open(partial, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(PRED_COLUMNS)
+        for m in media:
+            report.sources += 1
+            _predict_source(predictor, m, writer, report, out, every, smooth, annotate, max_frames)
+            fh.flush()
+            if progress:
+                print(f"  {m.path}: done ({report.frames} frames so far)", flush=True)
+        os.fsync(fh.fileno())
+    os.replace(partial, report.csv)
+    if abaw:
+        report.abaw_files = write_abaw_from_csv(report.csv, out, layout=abaw, fill=fill)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _predict_source(predictor, m: Media, writer, report: PredictReport, out: Path, every: int, smooth: float,
+                    annotate: bool, max_frames: int | None) -> None:
+    smoother = Smoother(smooth)
+    annot = None
+    pending: list[tuple] = []  # frames whose faces wait for the next classifier batch
+
+    def flush() -> None:
+        crops = [c for item in pending for c in item[4]]
+        t = time.perf_counter()
+        probs = predictor.classify(crops)
+        report.classify_s += time.perf_counter() - t
+        start = 0
+        for index, ts, rgb, faces, fc in pending:
+            p = probs[start:start + len(fc)]
+            start += len(fc)
+            boxes = np.array([f.box for f in faces]).reshape(-1, 4)
+            p = smoother(boxes, p) if m.kind != "image" else p
+            rows = _rows(m.path, index, ts, boxes, [f.score for f in faces], p)
+            writer.writerows(rows)
+            report.rows += len(rows)
+            report.faces += len(faces)
+            if annot is not None:
+                annot.add(_annotate(rgb, boxes, p))
+        pending.clear()
+
+    try:
+        if annotate:
+            from semifer.faces.media import video_info
+
+            annot = _Annotator(out / "annotated", m, video_info(m)[0] / every if m.kind != "image" else 0.0)
+        for index, ts, rgb in iter_frames(m, every=every, max_frames=max_frames):
+            t = time.perf_counter()
+            try:
+                faces, crops = predictor.detect(rgb)
+            except Exception as e:  # noqa: BLE001 - a frame the detector rejects is counted, not fatal
+                report.skips.add(f"detector error ({type(e).__name__})", f"{m.path}#{index}")
+                faces, crops = [], []
+            report.detect_s += time.perf_counter() - t
+            report.frames += 1
+            pending.append((index, ts, rgb if annotate else None, faces, crops))
+            if sum(len(p[4]) for p in pending) >= predictor.batch_size or len(pending) >= 256:
+                flush()
+    except MediaError as e:
+        report.skips.add(str(e), m.path)
+    except KeyboardInterrupt:
+        if m.kind != "camera":  # Ctrl-C is how a camera stream ends
+            raise
+    finally:
+        if pending:
+            flush()
+        if annot is not None:
+            annot.close()
+
+
+def write_abaw_from_csv(csv_path: Path | str, out: Path | str, layout: str = "txt", fill: str = "nearest",
+                        frame_counts: dict[str, int] | None = None) -> list[str]:
+    """ABAW files for the video sources of a ``predictions.csv``.
+
+    Frame counts come from ``frame_counts`` (by source path or video name) or from decoding
+    each video again; a prediction past the end of its video is an error.
+    """
+    from semifer.infer.abaw import labels_from_predictions, write_single_file, write_video_txt
+
+    out = Path(out)
+    by_source = {s: v for s, v in labels_from_predictions(csv_path).items() if Path(s).suffix.lower() in VIDEO_EXTS}
+    if not by_source:
+        raise ValueError(f"{csv_path}: no video sources to write ABAW files for")
+    videos: dict[str, tuple[dict[int, int], int]] = {}
+    for source, labels in by_source.items():
+        name = Path(source).stem
+        counts = frame_counts or {}
+        n = counts.get(source, counts.get(name))
+        if n is None:
+            try:
+                n = count_frames(Media(source, "video"))
+            except MediaError as e:
+                raise ValueError(f"{source}: cannot count its frames ({e}); pass the frame counts") from None
+        if name in videos:
+            raise ValueError(f"two videos named {name!r}; ABAW files are named by video")
+        videos[name] = (labels, int(n))
+    if layout == "single":
+        path = out / "abaw_predictions.txt"
+        write_single_file(path, videos, fill)
+        return [str(path)]
+    files = []
+    for name, (labels, n) in sorted(videos.items()):
+        write_video_txt(out / "abaw" / f"{name}.txt", labels, n, fill)
+        files.append(str(out / "abaw" / f"{name}.txt"))
+    return files

@@ -1,0 +1,161 @@
+"""Detection and alignment: dlib on real photos skimage ships, SCRFD decoding, Umeyama."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semifer.faces.align import ARCFACE_112, TEMPLATES, align_face, umeyama
+from semifer.faces.detectors import decode_scrfd
+from semifer.registry import DETECTORS
+
+skdata = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(scope="module")
+def dlib_detector():
+    pytest.importorskip("dlib")
+    from semifer.faces import build_detector
+
+    return build_detector("dlib")
+
+
+def test_detectors_registered_on_import():
+    import semifer  # noqa: F401
+
+    assert {"dlib", "scrfd"} <= set(DETECTORS.names())
+
+
+def test_umeyama_recovers_a_similarity():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 100, (5, 2))
+    a, s, t = 0.4, 1.7, np.array([12.0, -3.0])
+    r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    dst = s * src @ r.T + t
+    m = umeyama(src, dst)
+    np.testing.assert_allclose(m[:, :2], s * r, atol=1e-9)
+    np.testing.assert_allclose(m[:, 2], t, atol=1e-9)
+
+
+def test_align_puts_landmarks_on_the_template():
+    # A dot at each landmark of a rotated, scaled face must land on the template points.
+    img = np.zeros((300, 400, 3), np.uint8)
+    a, s = 0.3, 2.2
+    r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    lm = s * ARCFACE_112 @ r.T + np.array([150.0, 20.0])
+    for x, y in lm:
+        img[int(round(y)) - 2:int(round(y)) + 3, int(round(x)) - 2:int(round(x)) + 3] = 255
+    crop = align_face(img, lm, "arcface5")
+    assert crop.shape == (112, 112, 3)
+    for x, y in ARCFACE_112:
+        assert crop[int(round(y)), int(round(x))].min() > 100
+    assert crop.mean() < 20  # only the dots, nothing else copied
+
+
+def test_astronaut_has_exactly_one_face(dlib_detector):
+    img = skdata.astronaut()
+    faces = dlib_detector(img)
+    assert len(faces) == 1
+    f = faces[0]
+    x1, y1, x2, y2 = f.box
+    assert 150 < x1 < x2 < 290 and 50 < y1 < y2 < 190  # her face, top middle of the photo
+    assert f.landmarks.shape == (5, 2) and f.scheme == "dlib5"
+    assert ((f.landmarks >= [x1 - 5, y1 - 5]) & (f.landmarks <= [x2 + 5, y2 + 5])).all()
+    # aligned: the eyes' landmarks map near their template places
+    m = umeyama(f.landmarks, TEMPLATES["dlib5"])
+    mapped = f.landmarks @ m[:, :2].T + m[:, 2]
+    assert np.abs(mapped - TEMPLATES["dlib5"]).max() < 3.0
+    crop = align_face(img, f.landmarks, f.scheme)
+    assert crop.shape == (112, 112, 3) and crop.std() > 20
+
+
+@pytest.mark.parametrize("name", ["coffee", "chelsea", "rocket", "immunohistochemistry", "brick"])
+def test_pictures_without_faces(dlib_detector, name):
+    img = getattr(skdata, name)()
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    assert dlib_detector(img) == []
+
+
+def _scrfd_outputs(size: int = 64):
+    """Crafted SCRFD outputs for a size x size input: one face centred on the stride-8 cell (4, 4)."""
+    outs = []
+    counts = [(size // s) ** 2 * 2 for s in (8, 16, 32)]
+    scores = [np.full((n, 1), 0.01, np.float32) for n in counts]
+    boxes = [np.ones((n, 4), np.float32) for n in counts]
+    kps = [np.zeros((n, 10), np.float32) for n in counts]
+    i = (4 * (size // 8) + 4) * 2  # cell (row 4, col 4), anchor 0 -> centre (32, 32)
+    scores[0][i] = 0.9
+    boxes[0][i] = [2, 2, 2, 2]  # x stride 8 = 16 px each side
+    kps[0][i] = np.array([[-1, -1], [1, -1], [0, 0], [-1, 1], [1, 1]], np.float32).ravel()
+    scores[0][i + 1] = 0.8  # the same face from the second anchor: removed by NMS
+    boxes[0][i + 1] = [2, 2, 2.2, 2.2]
+    scores[1][0] = 0.7  # another face on the stride-16 grid, centre (0, 0)
+    boxes[1][0] = [0.5, 0.5, 1, 1]
+    outs = scores + boxes + kps
+    return [o[None] for o in outs]  # batch dimension, as exported models have
+
+
+def test_scrfd_decoding_on_crafted_outputs():
+    boxes, scores, kps = decode_scrfd(_scrfd_outputs(), (64, 64), threshold=0.5)
+    assert len(boxes) == 2
+    np.testing.assert_allclose(scores, [0.9, 0.7], atol=1e-6)
+    np.testing.assert_allclose(boxes[0], [16, 16, 48, 48])
+    np.testing.assert_allclose(boxes[1], [-8, -8, 16, 16])
+    np.testing.assert_allclose(kps[0], [[24, 24], [40, 24], [32, 32], [24, 40], [40, 40]])
+    assert len(decode_scrfd(_scrfd_outputs(), (64, 64), threshold=0.95)[0]) == 0
+
+
+@pytest.mark.badinput
+def test_scrfd_wrong_outputs_are_clear_errors():
+    with pytest.raises(ValueError, match="9 or 15"):
+        decode_scrfd(_scrfd_outputs()[:6], (64, 64))
+    with pytest.raises(ValueError, match="anchors expected"):
+        decode_scrfd(_scrfd_outputs(), (128, 128))
+
+
+def test_scrfd_detector_through_onnxruntime(tmp_path):
+    """A tiny ONNX model that returns the crafted outputs: preprocessing, session and rescaling."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from semifer.faces import build_detector
+
+    outs = _scrfd_outputs()
+    names = [f"out{i}" for i in range(9)]
+    # Each output = constant + 0 * mean(input), so the graph really consumes the image.
+    nodes = [helper.make_node("ReduceMean", ["input.1"], ["m"], keepdims=0),
+             helper.make_node("Mul", ["m", "zero"], ["z"])]
+    inits = [numpy_helper.from_array(np.zeros((), np.float32), "zero")]
+    for n, o in zip(names, outs):
+        inits.append(numpy_helper.from_array(o, f"c_{n}"))
+        nodes.append(helper.make_node("Add", [f"c_{n}", "z"], [n]))
+    graph = helper.make_graph(nodes, "scrfd_stub",
+                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 64, 64])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(o.shape)) for n, o in zip(names, outs)],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path = tmp_path / "scrfd_stub.onnx"
+    onnx.save(model, str(path))
+
+    det = build_detector("scrfd", model=str(path), threshold=0.5)
+    assert det.input_hw == (64, 64)  # taken from the model's fixed input shape
+    img = np.zeros((96, 128, 3), np.uint8)  # letterboxed at scale 0.5
+    faces = det(img)
+    assert [round(f.score, 3) for f in faces] == [0.9, 0.7]
+    np.testing.assert_allclose(faces[0].box, [32, 32, 96, 96], atol=1e-4)
+    np.testing.assert_allclose(faces[0].landmarks[2], [64, 64], atol=1e-4)
+    assert faces[0].scheme == "arcface5"
+
+
+@pytest.mark.badinput
+def test_scrfd_needs_a_model_file(tmp_path):
+    from semifer.faces import build_detector
+
+    with pytest.raises(ValueError, match="detector-model"):
+        build_detector("scrfd")
+    with pytest.raises(FileNotFoundError):
+        build_detector("scrfd", model=str(tmp_path / "none.onnx"))
+    with pytest.raises(KeyError, match="registered: .*dlib"):
+        build_detector("haar")
