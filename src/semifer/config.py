@@ -46,8 +46,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "small_cnn"
+    """Backbone and fine-tuning controls (docs/backbones.md)."""
+
+    backbone: str = "small_cnn"     # semifer backbones; tv:NAME / timm:NAME for torchvision / timm models
     backbone_args: dict[str, Any] = field(default_factory=dict)
+    pretrained: str = ""            # weights file (.pth/.pt/.safetensors/.dat) or dlib-fr; "" = random init
+    pretrained_strict: bool = True  # refuse missing/unexpected weights (false: load what matches, report the rest)
+    freeze_stages: int = 0          # freeze the backbone's first N stages (stem = stage 0; -1 = whole backbone)
+    freeze_bn: bool = False         # keep every backbone BatchNorm in eval mode with fixed affine parameters
 
 
 @dataclass
@@ -68,6 +74,10 @@ class SSLConfig:
     tau_min: float = 0.8
     tau_max: float = 0.95
     prior_correction: bool = True   # divide the status by the teacher's predicted class prior
+    # Distribution alignment of pseudo-labels to the labeled class prior (auto: on for dtm only)
+    distribution_alignment: Literal["auto", "on", "off"] = "auto"
+    alignment_momentum: float = 0.99
+    alignment_target: Literal["labeled", "uniform"] = "labeled"   # labeled prior, or uniform over labeled classes
     warmup_steps: int = 0           # supervised-only stage before thresholds are active
     ramp_steps: int = 0             # linear ramp of lambda_u after the warm-up
     # FreeMatch only
@@ -89,6 +99,8 @@ class OptimConfig:
     steps: int = 1000
     imbalance: Literal["none", "logit_adjust", "class_balanced"] = "none"
     amp: Literal["auto", "bf16", "off"] = "auto"
+    layer_decay: float = 1.0        # layer-wise LR decay: backbone stage i of K gets lr * layer_decay ** (K - i)
+    head_lr: float = 0.0            # learning rate of the classifier head (0 = optim.lr), follows the schedule
 
 
 @dataclass

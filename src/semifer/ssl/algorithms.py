@@ -16,6 +16,7 @@ from torch import nn
 
 from semifer.config import SSLConfig
 from semifer.registry import ALGORITHMS, THRESHOLDS
+from semifer.ssl.alignment import DistributionAlignment
 from semifer.ssl.losses import freematch_fairness_loss, masked_pseudo_label_loss, supervised_loss
 from semifer.ssl.thresholds import ThresholdPolicy, resolve_status_mode
 
@@ -64,11 +65,15 @@ class PseudoLabelAlgorithm(Algorithm):
     """
 
     uses_unlabeled = True
+    aligns_by_default = False  # ssl.distribution_alignment: auto
 
     def __init__(self, cfg: SSLConfig, num_classes: int, labeled_counts: torch.Tensor,
                  num_unlabeled: int | None = None, imbalance: str = "none") -> None:
         super().__init__(cfg, num_classes, labeled_counts, num_unlabeled, imbalance)
         self.policy = self.make_policy(cfg, num_classes, num_unlabeled)
+        align = cfg.distribution_alignment == "on" or (cfg.distribution_alignment == "auto" and self.aligns_by_default)
+        self.alignment = DistributionAlignment(labeled_counts, cfg.alignment_momentum,
+                                                cfg.alignment_target) if align else None
 
     def make_policy(self, cfg: SSLConfig, num_classes: int, num_unlabeled: int | None) -> ThresholdPolicy:
         return THRESHOLDS.get("fixed")(num_classes, tau=cfg.tau)
@@ -95,6 +100,8 @@ class PseudoLabelAlgorithm(Algorithm):
             logits_l, logits_us = logits[:n_l], logits[n_l:]
             with torch.no_grad():
                 probs = teacher(x_uw).float().softmax(dim=1)
+        if self.alignment is not None:
+            probs = self.alignment(probs)
         self.policy.update(probs, batch.get("idx_u"))
         mask, pseudo = self.policy.mask(probs, batch.get("idx_u"))
         loss_x = self.labeled_loss(logits_l, y_l)
@@ -152,7 +159,12 @@ class DTM(PseudoLabelAlgorithm):
     Stage schedule: steps < warmup_steps are supervised only (the unlabeled batch is
     not even drawn); then lambda_u ramps linearly over ramp_steps while class-wise
     thresholds clip(tau * M(beta_t(c)), tau_min, tau_max) select pseudo-labels.
+    The teacher's probabilities are aligned to the labeled class prior first
+    (``ssl.distribution_alignment``), so the thresholds see a teacher whose class mix
+    is not dominated by the labeled set's most frequent class.
     """
+
+    aligns_by_default = True
 
     def make_policy(self, cfg: SSLConfig, num_classes: int, num_unlabeled: int | None) -> ThresholdPolicy:
         mode = resolve_status_mode(cfg.status_mode, num_unlabeled is not None)
