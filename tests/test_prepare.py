@@ -99,3 +99,19 @@ def test_prepare_in_a_worker_pool(media, tmp_path):
     rep = prepare([str(media / "astronaut.jpg"), str(media / "clip.avi")], tmp_path / "out", workers=2, progress=False)
     assert rep.sources_done == 2 and rep.faces == 4 and rep.skips.total == 0
     assert len(_rows(tmp_path / "out" / "manifest.csv")) == 5
+
+
+def test_cli_prepare_and_detectors(media, tmp_path, capsys):
+    from semifer.cli import main
+
+    assert main(["detectors"]) == 0
+    listed = capsys.readouterr().out
+    assert "dlib" in listed and "scrfd" in listed
+    out = tmp_path / "out"
+    assert main(["prepare", str(media / "astronaut.jpg"), "--out", str(out), "--workers", "1", "--format", "png",
+                 "--quiet"]) == 0
+    assert "1 faces" in capsys.readouterr().out
+    crops = list((out / "crops").rglob("*.png"))
+    assert len(crops) == 1 and Image.open(crops[0]).size == (112, 112)
+    assert main(["prepare", str(media), "--out", str(out), "--detector", "scrfd"]) == 2  # no model file
+    assert "detector-model" in capsys.readouterr().err
