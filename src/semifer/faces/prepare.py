@@ -174,7 +174,7 @@ def prepare(inputs: list[str], out: Path | str, detector: str = "dlib", detector
     if ext not in ("jpg", "png"):
         raise ValueError(f"crop format must be jpg or png, got {ext!r}")
     options = dict(detector_options or {})
-    build_detector(detector, **options)  # fail now, with a clear message, not in every worker
+    det = build_detector(detector, **options)  # fails here, with a clear message, not in every worker
     _check_settings(out, {"detector": detector, "options": options, "every": every, "ext": ext,
                           "size": size, "min_score": min_score, "max_frames": max_frames})
     report = PrepareReport(out)
@@ -224,7 +224,6 @@ def prepare(inputs: list[str], out: Path | str, detector: str = "dlib", detector
             print(f"  {m.path}: {frames} frames, {len(rows)} faces", flush=True)
 
     if workers <= 1 or len(todo) <= 1:
-        det = build_detector(detector, **options)
         for m, key in todo:
             record(m, key, process_source(m, det, out, **kw))
     else:

@@ -194,7 +194,8 @@ def _predict_source(predictor, m: Media, writer, report: PredictReport, out: Pat
         if annotate:
             from semifer.faces.media import video_info
 
-            annot = _Annotator(out / "annotated", m, video_info(m)[0] / every if m.kind != "image" else 0.0)
+            # cameras are not opened twice; their annotated video is written at 25 fps
+            annot = _Annotator(out / "annotated", m, video_info(m)[0] / every if m.kind == "video" else 0.0)
         for index, ts, rgb in iter_frames(m, every=every, max_frames=max_frames):
             t = time.perf_counter()
             try:
