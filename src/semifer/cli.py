@@ -24,6 +24,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         overrides.append(f"data.unlabeled={json.dumps(a.unlabeled)}")
     if a.val:
         overrides.append(f"data.val={a.val}")
+    if a.pretrained:
+        overrides.append(f"model.pretrained={json.dumps(a.pretrained)}")  # quoted: a path stays a string
     cfg = load_config(a.config, overrides)
     res = train(cfg, stop_after=a.stop_after)
     state = "finished" if res.completed else f"stopped at step {res.steps} (run again to resume)"
@@ -137,7 +139,8 @@ def _cmd_list(kind: str):
         if kind == "backbones":
             from semifer.models.backbones import describe_backbones
             for name, n, doc in describe_backbones():
-                print(f"{name:<14} {n / 1e6:7.2f}M params  {doc}")
+                count = f"{n / 1e6:7.2f}M params" if n is not None else " " * 14
+                print(f"{name:<14} {count}  {doc}")
             return 0
         for name, obj in reg.items():
             doc = (obj.__doc__ or "").strip().splitlines()
@@ -165,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val", help="FORMAT:PATH of the validation set")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. ssl.tau=0.9")
     t.add_argument("--stop-after", type=int, help="stop this invocation after N steps (resume later)")
+    t.add_argument("--pretrained", metavar="PATH",
+                   help="backbone weights: .pth/.pt/.safetensors state dict, dlib .dat, or dlib-fr (docs/backbones.md)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="re-score a saved model")

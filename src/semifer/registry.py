@@ -5,6 +5,7 @@ CLI knows what exists. There is no second hand-kept list anywhere.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -16,6 +17,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._families: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -25,11 +27,29 @@ class Registry(Generic[T]):
             return obj
         return deco
 
+    def register_family(self, prefix: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Register ``fn(member, ...)`` for every name ``PREFIX:MEMBER`` (e.g. ``tv:resnet34``).
+
+        For open-ended collections (torchvision, timm) that cannot be listed one by one.
+        """
+        def deco(fn: Callable[..., T]) -> Callable[..., T]:
+            if prefix in self._families:
+                raise ValueError(f"{self.kind} family {prefix!r} is already registered")
+            self._families[prefix] = fn
+            return fn
+        return deco
+
+    def families(self) -> list[tuple[str, Callable[..., T]]]:
+        return sorted(self._families.items())
+
     def get(self, name: str) -> T:
-        try:
+        if name in self._items:
             return self._items[name]
-        except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}") from None
+        prefix, sep, member = name.partition(":")
+        if sep and member and prefix in self._families:
+            return functools.partial(self._families[prefix], member)  # type: ignore[return-value]
+        families = "".join(f", {p}:NAME" for p in self._families)
+        raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}{families}")
 
     def names(self) -> list[str]:
         return sorted(self._items)
@@ -38,7 +58,8 @@ class Registry(Generic[T]):
         return sorted(self._items.items())
 
     def __contains__(self, name: str) -> bool:
-        return name in self._items
+        prefix, sep, member = name.partition(":")
+        return name in self._items or bool(sep and member and prefix in self._families)
 
     def __len__(self) -> int:
         return len(self._items)

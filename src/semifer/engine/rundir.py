@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from semifer.config import TrainConfig, save_config, to_dict
+from semifer.config import TrainConfig, merge, save_config, to_dict
 
 CONFIG_FILE = "config.yaml"
 # Settings that may change between a run and its resumption without changing results.
@@ -38,7 +38,9 @@ def prepare_run_dir(cfg: TrainConfig, write: bool = True) -> Path:
     cfg_path = run_dir / CONFIG_FILE
     new = to_dict(cfg)
     if cfg_path.exists():
-        old = yaml.safe_load(cfg_path.read_text()) or {}
+        # Keys added to the config schema after the run started take their defaults, which
+        # by rule reproduce the old behaviour, so such a run still resumes.
+        old = merge(to_dict(TrainConfig()), yaml.safe_load(cfg_path.read_text()) or {})
         diffs = [d for d in _diff(old, new) if d[0] not in _RESUME_FREE]
         if diffs:
             lines = "; ".join(f"{'.'.join(p)}: {a!r} -> {b!r}" for p, a, b in diffs[:10])

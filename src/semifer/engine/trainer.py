@@ -83,10 +83,19 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW; no weight decay on biases and normalisation parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """SGD (Nesterov) or AdamW; no weight decay on biases and normalisation parameters.
+
+    With ``layer_decay`` or ``head_lr`` set, one group per backbone stage and the head, each
+    with an ``lr_scale`` (semifer.models.finetune); otherwise the two groups of old, so old
+    checkpoints' optimizer states still load.
+    """
+    if cfg.layer_decay != 1.0 or cfg.head_lr > 0:
+        from semifer.models.finetune import layerwise_param_groups
+        groups = layerwise_param_groups(model, cfg.weight_decay, cfg.lr, cfg.layer_decay, cfg.head_lr)
+    else:
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -164,6 +173,13 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     labeled, rest = _split_labeled(_labeled(load_source(cfg.data.labeled, cfg.data)), cfg, run_dir)
     val = _labeled(load_source(cfg.data.val, cfg.data))
     model = build_model(cfg.model, C, in_chans=cfg.data.channels).to(device)
+    pretrained = None
+    if cfg.model.pretrained and not (run_dir / LAST).exists():  # a resumed run takes all weights from its checkpoint
+        from semifer.models.pretrained import load_pretrained
+        pretrained = load_pretrained(model.backbone, cfg.model.pretrained, cfg.model.pretrained_strict,
+                                     cfg.model.backbone)
+        if dist.is_main():
+            print(f"semifer: pretrained: {pretrained.summary()}")
     ema = ModelEMA(model, cfg.ssl.ema_decay).to(device)
     algo_cls_uses_unlabeled = _algorithm_uses_unlabeled(cfg.ssl.algorithm)
     unlabeled, unl_src, num_unlabeled = None, None, None
@@ -219,7 +235,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     if step == 0:
         logger.log({"kind": "info", "step": 0, "labeled": len(labeled), "val": len(val),
                     "unlabeled": num_unlabeled if num_unlabeled is not None else "streamed", "device": str(device),
-                    "world_size": world, "amp": str(amp), "skipped": skipped})
+                    "world_size": world, "amp": str(amp), "skipped": skipped,
+                    **({"pretrained": pretrained.as_dict()} if pretrained is not None else {})})
 
     total = cfg.optim.steps
     end = total if stop_after is None else min(total, step + stop_after)
@@ -231,7 +248,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     t0, images_seen, window_t = time.perf_counter(), 0, time.perf_counter()
     while step < end:
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg.optim, step)
+            g["lr"] = lr_at(cfg.optim, step) * g.get("lr_scale", 1.0)
         lb = lab_src.batch(step)
         gen = step_generator(cfg.run.seed, step, rank, 0, device)
         batch = {"x_l": weak_view(lb["x"].to(device, non_blocking=True), gen), "y_l": lb["y"].to(device)}

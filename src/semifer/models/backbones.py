@@ -64,13 +64,19 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def describe_backbones() -> list[tuple[str, int, str]]:
-    """(name, parameter count at defaults, first docstring line) for every registered backbone."""
-    rows = []
+def describe_backbones() -> list[tuple[str, int | None, str]]:
+    """(name, parameter count at defaults, first docstring line) for every registered backbone;
+    families (``tv:NAME``, ``timm:NAME``) have no count."""
+    rows: list[tuple[str, int | None, str]] = []
     for name, fn in BACKBONES.items():
-        module, _ = fn()
+        # Built on the meta device: counts without allocating or initialising IR-100's 65M weights.
+        with torch.device("meta"):
+            module, _ = fn()
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         rows.append((name, count_parameters(module), doc))
+    for prefix, fn in BACKBONES.families():
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        rows.append((f"{prefix}:NAME", None, doc))
     return rows
 
 
