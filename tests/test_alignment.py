@@ -39,7 +39,7 @@ def test_alignment_is_a_checkpointed_buffer_and_rejects_bad_momentum():
 
 
 @pytest.mark.parametrize("name,setting,expected", [("dtm", "auto", True), ("fixmatch", "auto", False),
-                                                   ("fixmatch", "on", True), ("dtm", "off", False)])
+                                                   ("fixmatch", True, True), ("dtm", False, False)])
 def test_alignment_default_follows_the_algorithm(name, setting, expected):
     cfg = SSLConfig(algorithm=name, distribution_alignment=setting)
     algo = build_algorithm(cfg, 8, torch.ones(8, dtype=torch.long), num_unlabeled=100)

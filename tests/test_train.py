@@ -67,3 +67,17 @@ def test_finished_run_is_not_retrained(tiny_data, tmp_path):
     res2 = semifer.train(cfg)
     assert res2.completed and res2.steps == 3 and res2.macro_f1 == res1.macro_f1
     assert (tmp_path / "r" / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_channels_last_setting_reaches_the_weights(tiny_data, tmp_path, setting):
+    cfg = tiny_config(tiny_data, tmp_path / "run", steps=3, optim={"batch_size": 16, "steps": 3, "lr": 0.05,
+                                                                    "channels_last": setting, "amp": "off"})
+    res = semifer.train(cfg)
+    ck = load_checkpoint(res.run_dir / "checkpoints" / "last.pt")
+    convs = [v for k, v in ck["model"].items() if v.ndim == 4 and v.shape[1] > 1]
+    assert convs
+    assert all(w.is_contiguous(memory_format=torch.channels_last) == setting for w in convs)
+    # The saved weights load into a plain (NCHW) model: only strides differ.
+    from semifer.models import build_model
+    build_model(cfg.model, 8, in_chans=cfg.data.channels).load_state_dict(ck["model"])

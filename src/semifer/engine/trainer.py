@@ -173,6 +173,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     labeled, rest = _split_labeled(_labeled(load_source(cfg.data.labeled, cfg.data)), cfg, run_dir)
     val = _labeled(load_source(cfg.data.val, cfg.data))
     model = build_model(cfg.model, C, in_chans=cfg.data.channels).to(device)
+    if cfg.optim.channels_last is True or (cfg.optim.channels_last == "auto" and amp is not None):
+        model = model.to(memory_format=torch.channels_last)  # the EMA teacher copies it below
     pretrained = None
     if cfg.model.pretrained and not (run_dir / LAST).exists():  # a resumed run takes all weights from its checkpoint
         from semifer.models.pretrained import load_pretrained

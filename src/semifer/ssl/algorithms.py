@@ -71,7 +71,7 @@ class PseudoLabelAlgorithm(Algorithm):
                  num_unlabeled: int | None = None, imbalance: str = "none") -> None:
         super().__init__(cfg, num_classes, labeled_counts, num_unlabeled, imbalance)
         self.policy = self.make_policy(cfg, num_classes, num_unlabeled)
-        align = cfg.distribution_alignment == "on" or (cfg.distribution_alignment == "auto" and self.aligns_by_default)
+        align = cfg.distribution_alignment is True or (cfg.distribution_alignment == "auto" and self.aligns_by_default)
         self.alignment = DistributionAlignment(labeled_counts, cfg.alignment_momentum,
                                                 cfg.alignment_target) if align else None
 
