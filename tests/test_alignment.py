@@ -52,3 +52,14 @@ def test_uniform_target_is_balanced_over_labeled_classes():
     assert torch.allclose(da.target, torch.tensor([1 / 3, 1 / 3, 0.0, 1 / 3]))
     with pytest.raises(ValueError):
         DistributionAlignment(torch.tensor([1, 1]), target="balanced")
+
+
+def test_nonfinite_teacher_rows_do_not_reach_the_running_mean():
+    da = DistributionAlignment(torch.tensor([1, 1, 1]), momentum=0.5)
+    probs = torch.tensor([[0.8, 0.1, 0.1], [float("nan"), 0.5, 0.5]])
+    da(probs)
+    assert torch.isfinite(da.running).all()
+    assert torch.allclose(da.running, 0.5 * torch.full((3,), 1 / 3) + 0.5 * torch.tensor([0.8, 0.1, 0.1]))
+    before = da.running.clone()
+    da(torch.full((2, 3), float("inf")))            # nothing finite: the buffer is left alone
+    assert torch.equal(da.running, before)

@@ -102,6 +102,7 @@ class OptimConfig:
     # NHWC activations: auto = on whenever bf16 autocast is on (measured +37 % train steps on this
     # 2-core CPU, benchmarks/cpu_precision.py); weights keep their values, only strides change.
     channels_last: bool | Literal["auto"] = "auto"
+    max_nonfinite_steps: int = 25   # consecutive skipped (NaN/inf loss or gradient) steps before the run stops
     layer_decay: float = 1.0        # layer-wise LR decay: backbone stage i of K gets lr * layer_decay ** (K - i)
     head_lr: float = 0.0            # learning rate of the classifier head (0 = optim.lr), follows the schedule
 

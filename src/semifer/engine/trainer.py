@@ -22,6 +22,7 @@ from semifer.data.imageset import ImageSet, InMemorySource, step_generator
 from semifer.data.splits import save_split, stratified_subset
 from semifer.engine.checkpoint import atomic_save, load_checkpoint
 from semifer.engine.ema import ModelEMA
+from semifer.engine.guard import BufferSnapshot, NonFiniteGuard, NonFiniteTrainingError, all_finite
 from semifer.engine.rundir import prepare_run_dir
 from semifer.engine.runlog import RunLogger, to_plain
 from semifer.eval.evaluate import evaluate_model
@@ -149,10 +150,15 @@ def _split_labeled(data: ImageSet, cfg: TrainConfig, run_dir: Path) -> tuple[Ima
     return lab, unl
 
 
-def _save_training_state(path: Path, step: int, model, ema, algo, opt, best: dict, wall_s: float, cfg) -> None:
+def _save_training_state(path: Path, step: int, model, ema, algo, opt, best: dict, wall_s: float, cfg,
+                         guard: NonFiniteGuard) -> None:
+    if not (all_finite(model) and all_finite(ema.module)):
+        raise NonFiniteTrainingError(f"weights became non-finite by step {step}; not overwriting {path}, "
+                                     "which holds the last good state")
     atomic_save({"step": step, "model": model.state_dict(), "ema": ema.module.state_dict(),
                  "algorithm": algo.state_dict(), "optimizer": opt.state_dict(), "best": best,
-                 "wall_s": wall_s, "config": to_dict(cfg), "labels": list(ABAW_LABELS)}, path)
+                 "wall_s": wall_s, "config": to_dict(cfg), "labels": list(ABAW_LABELS),
+                 "nonfinite": guard.state_dict()}, path)
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
@@ -220,6 +226,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     lab_src = InMemorySource(labeled, cfg.optim.batch_size, cfg.run.seed, rank, world, stream=1)
 
     step, wall_s, best = 0, 0.0, {"macro_f1": -1.0, "step": -1}
+    guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
+    bn_snapshot = BufferSnapshot(model, ema.module)
     last_path, best_path = run_dir / LAST, run_dir / BEST
     if last_path.exists():
         ck = load_checkpoint(last_path, map_location=device)
@@ -228,6 +236,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
         algo.load_state_dict(ck["algorithm"])
         opt.load_state_dict(ck["optimizer"])
         step, wall_s, best = int(ck["step"]), float(ck["wall_s"]), dict(ck["best"])
+        guard.load_state_dict(ck.get("nonfinite", {}))
     logger = RunLogger(run_dir, enabled=dist.is_main(), resume_step=step if step > 0 else None)
     student: nn.Module = model
     if world > 1:
@@ -260,15 +269,23 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
             batch.update(x_uw=weak_view(xu, gen), x_us=strong_view(xu, gen),
                          idx_u=ub["idx"].to(device) if ub.get("idx") is not None else None,
                          y_u_true=ub["y_true"].to(device) if ub.get("y_true") is not None else None)
+        bn_snapshot.take()
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             loss, logs = algo.step(student, teacher, batch, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip > 0:
-            # Returns a tensor and scales on the device: no host sync.
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
-        opt.step()
-        ema.update(model, step, fallback=batch["x_l"])
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None],
+                                                      foreach=True)
+        # A non-finite step is skipped (weights, optimizer state and EMA untouched) and counted.
+        if guard.step_ok(loss, grad_norm, step):
+            opt.step()
+            ema.update(model, step, fallback=batch["x_l"])
+        else:
+            bn_snapshot.restore()
+            logs = {**logs, "nonfinite_skipped": torch.tensor(float(guard.total))}
         images_seen += sum(v.shape[0] for k, v in batch.items() if k.startswith("x_"))
         step += 1
         if bar is not None:
@@ -293,7 +310,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
         if step % cfg.run.checkpoint_every == 0 or step == end:
             elapsed = wall_s + time.perf_counter() - t0
             if dist.is_main():
-                _save_training_state(last_path, step, model, ema, algo, opt, best, elapsed, cfg)
+                _save_training_state(last_path, step, model, ema, algo, opt, best, elapsed, cfg, guard)
     if bar is not None:
         bar.close()
     if unl_src is not None and hasattr(unl_src, "close"):  # a streamed source: its workers found bad files

@@ -46,8 +46,13 @@ class DistributionAlignment(nn.Module):
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         """Update the running mean with this batch, then return the aligned probabilities."""
         probs = probs.detach().float()
-        batch_mean = dist.all_reduce_mean(probs.mean(dim=0))
-        self.running.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
+        # Rows with NaN/inf (a diverging step, which the trainer will skip) must not reach the buffer.
+        finite = torch.isfinite(probs).all(dim=1, keepdim=True)
+        sums = torch.cat([torch.where(finite, probs, 0.0).sum(dim=0), finite.sum().float().view(1)])
+        sums = dist.all_reduce_mean(sums)  # mean of sums and of counts: their ratio is the global mean
+        batch_mean = sums[:-1] / sums[-1].clamp_min(1e-12)
+        new = self.running * self.momentum + batch_mean * (1.0 - self.momentum)
+        self.running.copy_(torch.where(sums[-1] > 0, new, self.running))
         ratio = self.target / self.running.clamp_min(1e-6)
         aligned = probs * ratio
         return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(1e-12)
