@@ -229,6 +229,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
     bn_snapshot = BufferSnapshot(model, ema.module)
     last_path, best_path = run_dir / LAST, run_dir / BEST
+    if dist.is_main():
+        # A process killed inside atomic_save leaves its partial temp file; the real files are intact.
+        for stale in sorted(last_path.parent.glob(".*.tmp")) if last_path.parent.exists() else []:
+            print(f"semifer: removing {stale.name}, a checkpoint write interrupted by a kill")
+            stale.unlink()
     if last_path.exists():
         ck = load_checkpoint(last_path, map_location=device)
         model.load_state_dict(ck["model"])
