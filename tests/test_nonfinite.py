@@ -26,7 +26,8 @@ def _poison(monkeypatch, bad_steps):
 
 def test_nonfinite_step_is_skipped_counted_and_leaves_the_weights_alone(tiny_data, tmp_path, monkeypatch):
     _poison(monkeypatch, lambda s: s in (1, 3))
-    cfg = tiny_config(tiny_data, tmp_path / "run", steps=4)
+    # progress on: the bar must show a skipped step's null loss without crashing
+    cfg = tiny_config(tiny_data, tmp_path / "run", steps=4, run={"progress": True, "log_every": 1})
     semifer.train(cfg, stop_after=3)
     before = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     res = semifer.train(cfg)                      # resumes; step index 3 is poisoned

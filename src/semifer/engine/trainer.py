@@ -302,7 +302,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
             images_seen, window_t = 0, now
             logger.log(rec)
             if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", **({"mask": f"{rec['mask_rate']:.2f}"} if "mask_rate" in rec else {}))
+                # A skipped non-finite step logs its loss as null.
+                shown = {k: ("nan" if rec.get(k) is None else f"{rec[k]:.3f}") for k in ("loss", "mask_rate") if k in rec}
+                bar.set_postfix(**shown)
         if step % cfg.run.eval_every == 0 or step == total:
             scores = evaluate_model(ema.module, val.images, val.labels, batch_size=cfg.run.eval_batch_size,
                                     device=device, amp_dtype=amp)
