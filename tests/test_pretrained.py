@@ -121,6 +121,7 @@ def test_architecture_mismatch_is_refused(tmp_path):
     assert report.loaded > 0 and any(k.startswith("layer1.2.") for k in report.missing)
 
 
+@pytest.mark.badinput
 def test_pickled_objects_are_never_loaded(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -215,6 +215,7 @@ def test_csv_root_option_and_missing_file(tmp_path):
     assert data.skipped == {"missing file": 1}
 
 
+@pytest.mark.badinput
 def test_csv_errors_name_file_and_line(tmp_path):
     _save(tmp_path / "a.png", 0)
     m = tmp_path / "manifest.csv"
@@ -275,6 +276,7 @@ def test_fer2013_labels_pixels_and_splits(tmp_path):
         FORMATS.get("fer2013")(str(f), _cfg(), split="holdout")
 
 
+@pytest.mark.badinput
 @pytest.mark.parametrize("bad_row,what", [
     ("3," + " ".join(["1"] * 2303) + ",Training", "2304"),
     ("3," + " ".join(["1"] * 2303) + " x,Training", "integer"),
@@ -317,6 +319,7 @@ def test_rafdb_labels_and_split(tmp_path):
     assert len(FORMATS.get("rafdb")(str(tmp_path), _cfg(), split="test")) == 4
 
 
+@pytest.mark.badinput
 def test_rafdb_malformed_line(tmp_path):
     _raf_fixture(tmp_path)
     lst = tmp_path / "EmoLabel" / "list_patition_label.txt"
@@ -370,6 +373,7 @@ def test_affectnet_policy_crop_and_drops(tmp_path):
         FORMATS.get("affectnet")(str(f), _cfg(), contempt="keep")
 
 
+@pytest.mark.badinput
 def test_affectnet_malformed(tmp_path):
     f = _affectnet_fixture(tmp_path)
     text = f.read_text().splitlines()
@@ -416,6 +420,7 @@ def test_expw_faces_cropped_and_labeled(tmp_path, nested, monkeypatch):
     assert len(FORMATS.get("expw")(str(tmp_path), _cfg(), min_confidence="0.85")) == 4
 
 
+@pytest.mark.badinput
 def test_expw_malformed(tmp_path):
     _expw_fixture(tmp_path)
     lst = tmp_path / "label" / "label.lst"
@@ -482,6 +487,7 @@ def test_affwild2_flat_layout_and_options(tmp_path):
         ["10-60-1280x720", "video2_left"]
 
 
+@pytest.mark.badinput
 @pytest.mark.parametrize("body,line", [
     ("Neutral,Anger,Disgust,Fear,Happy,Sadness,Surprise,Other\n0\n", 1),
     (HEADER + "\n0\n1\nx\n", 4),

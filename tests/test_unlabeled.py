@@ -81,6 +81,7 @@ def write_recordio(rec: Path, payloads: list[bytes]) -> None:
 
 
 # ---------------------------------------------------------------- folder / list
+@pytest.mark.badinput
 def test_folder_recursive_sorted_and_symlink_loop(tmp_path):
     root = tmp_path / "faces"
     (root / "b" / "deep").mkdir(parents=True)

@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     from semifer.engine.rundir import RunDirConflict
 
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name in a message must not stop a run
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, ImportError, RunDirConflict) as e:

@@ -61,6 +61,23 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, YCbCr, RGBA, RGBX, LAB, HSV
 
 
+def open_checked(fh) -> Image.Image:
+    """``Image.open`` that refuses images over ``Image.MAX_IMAGE_PIXELS`` before decoding them.
+
+    PIL only *warns* between 1x and 2x the limit; turning that warning into an error with
+    ``warnings.catch_warnings`` is not thread-safe (readers decode in a thread pool), so the
+    size is checked here from the header, deterministically.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(fh)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and img.width * img.height > limit:
+        img.close()
+        raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels exceed the {limit} limit")
+    return img
+
+
 def decode_image(src: bytes | str | Path | np.ndarray, size: int, channels: int = 3,
                  box: tuple[float, float, float, float] | None = None) -> tuple[np.ndarray | None, str | None]:
     """Decode to uint8 (channels, size, size), or ``(None, reason)`` when the input is unusable.
@@ -83,10 +100,8 @@ def decode_image(src: bytes | str | Path | np.ndarray, size: int, channels: int 
                 if p.stat().st_size == 0:
                     return None, "empty file"
                 fh = p
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(fh)
-                img.load()
+            img = open_checked(fh)
+            img.load()
         img = _to_8bit(img)
         if box is not None:
             l, t, r, b = (float(v) for v in box)

@@ -61,6 +61,8 @@ def _load_uncached(spec: str, cfg: DataConfig) -> ImageSet:
         data = FORMATS.get(fmt)(path, cfg, **options)
     except TypeError as e:
         raise ValueError(f"{spec}: unsupported option for format {fmt!r} ({e})") from None
+    except UnicodeDecodeError as e:  # an annotation file in another encoding: say which source, not a traceback
+        raise ValueError(f"{spec}: an annotation file is not UTF-8 text ({e})") from None
     return ImageSet(conform(data.images, cfg.image_size, cfg.channels), data.labels, data.true_labels,
                     name=spec, skipped=dict(data.skipped), frames=data.frames)
 
@@ -92,12 +94,19 @@ def npz(path: str, cfg: DataConfig) -> ImageSet:
 
     from semifer.labels import label_index
 
-    with np.load(path, allow_pickle=False) as z:
-        if "images" not in z:
-            raise ValueError(f"{path}: no 'images' array")
-        images = z["images"]
-        labels = z["labels"] if "labels" in z else np.full(len(images), -1)
-        classes = [str(c) for c in z["classes"]] if "classes" in z else None
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z:
+                raise ValueError(f"{path}: no 'images' array")
+            images = z["images"]
+            labels = z["labels"] if "labels" in z else np.full(len(images), -1)
+            classes = [str(c) for c in z["classes"]] if "classes" in z else None
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a readable .npz archive ({e})") from None
     if images.dtype != np.uint8:
         raise ValueError(f"{path}: images must be uint8, got {images.dtype}")
     if images.ndim == 3:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import os
 import sys
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from semifer.data.decode import SkipCounter, _to_8bit, decode_image
+from semifer.data.decode import SkipCounter, _to_8bit, decode_image, open_checked
 from semifer.data.imageset import ImageSet
 from semifer.labels import ABAW_LABELS, canonical_name, label_index
 from semifer.registry import FORMATS
@@ -60,11 +59,8 @@ def _open_full(source: Any) -> tuple[np.ndarray | None, str | None]:
     try:
         import io
 
-        from PIL import Image
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
-            img.load()
+        img = open_checked(io.BytesIO(raw))
+        img.load()
         return np.asarray(_to_8bit(img), dtype=np.uint8), None
     except Exception:  # classify the failure exactly as decode_image does
         _, reason = decode_image(raw, 8, 1)

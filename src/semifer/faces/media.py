@@ -7,7 +7,6 @@ video files and cameras.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,7 +14,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from semifer.data.decode import SkipCounter, _to_8bit
+from semifer.data.decode import SkipCounter, _to_8bit, open_checked
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"})
@@ -69,11 +68,9 @@ def load_rgb(path: str | Path) -> tuple[np.ndarray | None, str | None]:
     try:
         if Path(path).stat().st_size == 0:
             return None, "empty file"
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        img = open_checked(path)
+        img.load()
+        img = ImageOps.exif_transpose(img)
         return np.asarray(_to_8bit(img).convert("RGB")), None
     except FileNotFoundError:
         return None, "missing file"

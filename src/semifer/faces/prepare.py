@@ -68,7 +68,7 @@ def source_key(media: Media) -> str:
 
 def _crop_dir(media: Media) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(media.path).stem)[:60] or "source"
-    return f"{stem}_{hashlib.sha1(media.path.encode()).hexdigest()[:8]}"
+    return f"{stem}_{hashlib.sha1(os.fsencode(media.path)).hexdigest()[:8]}"
 
 
 def _atomic_image(arr: np.ndarray, path: Path, quality: int) -> None:
@@ -124,7 +124,7 @@ def _append(path: Path, text: str) -> None:
     """One write of whole lines with O_APPEND, then fsync: a crash leaves at most a torn last line."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, text.encode())
+        os.write(fd, text.encode("utf-8", "surrogateescape"))  # non-UTF-8 file names kept byte-exact
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -134,7 +134,7 @@ def _read_complete_rows(path: Path, ncols: int) -> list[list[str]]:
     """Rows (header excluded) of a CSV we appended to, without a torn last line."""
     if not path.is_file():
         return []
-    text = path.read_text()
+    text = path.read_text("utf-8", "surrogateescape")
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
     rows = list(csv.reader(io.StringIO(text)))
@@ -143,7 +143,7 @@ def _read_complete_rows(path: Path, ncols: int) -> list[list[str]]:
 
 def _rewrite(path: Path, header: list[str], rows: list[list]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         f.write(_csv_text([header, *rows]))
         f.flush()
         os.fsync(f.fileno())
@@ -201,9 +201,9 @@ def prepare(inputs: list[str], out: Path | str, detector: str = "dlib", detector
     finished = {r[0] for r in keep_ledger}
     old_rows = _read_complete_rows(manifest, len(MANIFEST_COLUMNS))
     keep_rows = [r for r in old_rows if r[0] in finished]
-    if not manifest.is_file() or len(keep_rows) != len(old_rows) or manifest.read_text().count("\n") != len(old_rows) + 1:
+    if not manifest.is_file() or len(keep_rows) != len(old_rows) or manifest.read_text("utf-8", "surrogateescape").count("\n") != len(old_rows) + 1:
         _rewrite(manifest, MANIFEST_COLUMNS, keep_rows)
-    if not ledger.is_file() or len(keep_ledger) != len(done) or ledger.read_text().count("\n") != len(done) + 1:
+    if not ledger.is_file() or len(keep_ledger) != len(done) or ledger.read_text("utf-8", "surrogateescape").count("\n") != len(done) + 1:
         _rewrite(ledger, LEDGER_COLUMNS, keep_ledger)
 
     kw = {"every": every, "ext": ext, "quality": quality, "size": size, "min_score": min_score,

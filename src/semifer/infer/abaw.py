@@ -110,7 +110,7 @@ def labels_from_predictions(csv_path: Path | str) -> dict[str, dict[int, int]]:
     """``{source: {frame: label index}}`` from ``predictions.csv``: per frame, the face with the
     highest detector score (ABAW annotates one person per video); no-face rows are gaps."""
     best: dict[str, dict[int, tuple[float, int]]] = {}
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         for row in csv.DictReader(f):
             frames = best.setdefault(row["source"], {})
             if not row["label"] or row["label"] not in ABAW_LABELS:

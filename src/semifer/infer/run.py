@@ -105,7 +105,7 @@ class _Annotator:
     def __init__(self, out: Path, media: Media, fps: float) -> None:
         out.mkdir(parents=True, exist_ok=True)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(media.path).stem)[:60] or "source"
-        self.base = out / f"{stem}_{hashlib.sha1(media.path.encode()).hexdigest()[:8]}"
+        self.base = out / f"{stem}_{hashlib.sha1(os.fsencode(media.path)).hexdigest()[:8]}"
         self.video = media.kind != "image"
         self.fps, self.writer = fps, None
 
@@ -148,7 +148,8 @@ def predict_media(predictor, inputs: list[str], out: Path | str, every: int = 1,
     t0 = time.perf_counter()
     media = expand_inputs(inputs, report.skips)
     partial = out / ".predictions.csv.partial"
-    with open(partial, "w", newline="") as fh:
+    # surrogateescape: a non-UTF-8 file name is written byte-exact instead of stopping the run
+    with open(partial, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(PRED_COLUMNS)
         for m in media:
