@@ -84,8 +84,19 @@ def _check(x: torch.Tensor) -> None:
         raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
 
 
-def _rand(generator: torch.Generator, *shape: int, device: torch.device) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=device)
+def _rand(generator: torch.Generator, *shape: int, device: torch.device,
+          shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Uniforms of ``shape``, batch along dim 1.
+
+    ``shard=(rank, world)``: drawn for the ``world`` x larger global batch and sliced to this
+    rank's part, so DDP ranks sharing one generator seed give each sample the draws a single
+    process with the whole global batch would (world 1 draws exactly as before).
+    """
+    rank, world = shard
+    if world == 1:
+        return torch.rand(shape, generator=generator, device=device)
+    full = (shape[0], shape[1] * world, *shape[2:])
+    return torch.rand(full, generator=generator, device=device).narrow(1, rank * shape[1], shape[1])
 
 
 def _col(v: torch.Tensor) -> torch.Tensor:
@@ -111,6 +122,7 @@ def weak_view(
     *,
     flip: bool = True,
     max_shift: float = 0.125,
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Per-sample random horizontal flip (p=0.5) and integer translation.
 
@@ -124,7 +136,7 @@ def weak_view(
     b, c, h, w = x.shape
     dev = x.device
     # Always draw the same amount so that the generator stream does not depend on the knobs.
-    u = _rand(generator, 3, b, device=dev)
+    u = _rand(generator, 3, b, device=dev, shard=shard)
     if b == 0:
         return to_float(x)
     ph, pw = int(max_shift * h), int(max_shift * w)
@@ -341,11 +353,12 @@ def _cutout_mask(u: torch.Tensor, frac_max: float, h: int, w: int) -> torch.Tens
     return (in_r.unsqueeze(2) & in_c.unsqueeze(1)).unsqueeze(1)
 
 
-def apply_cutout(x: torch.Tensor, generator: torch.Generator, cutout: float = 0.5) -> torch.Tensor:
+def apply_cutout(x: torch.Tensor, generator: torch.Generator, cutout: float = 0.5,
+                 shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """One grey (0.5) square per sample, side ``uniform(0, cutout) * min(H, W)``, random centre."""
     _check(x)
     x = to_float(x)
-    u = _rand(generator, 3, x.shape[0], device=x.device)
+    u = _rand(generator, 3, x.shape[0], device=x.device, shard=shard)
     if cutout <= 0 or x.shape[0] == 0:
         return x
     mask = _cutout_mask(u, cutout, x.shape[2], x.shape[3])
@@ -438,6 +451,7 @@ def draw_randaugment(
     num_ops: int = 2,
     magnitude_max: float = 1.0,
     device: torch.device | str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw per-sample RandAugment parameters for :func:`randaugment`.
 
@@ -447,7 +461,7 @@ def draw_randaugment(
     """
     dev = generator.device if device is None else torch.device(device)
     n_ops = len(RANDAUGMENT_OPS)
-    u = _rand(generator, 3, batch, num_ops, device=dev)
+    u = _rand(generator, 3, batch, num_ops, device=dev, shard=shard)
     ops = torch.floor(u[0] * n_ops).long().clamp_(max=n_ops - 1)
     mags = (1.0 - u[1]) * magnitude_max  # (0, magnitude_max]
     return ops, torch.where(u[2] < 0.5, -mags, mags)
@@ -462,6 +476,7 @@ def strong_view(
     cutout: float = 0.5,
     flip: bool = True,
     max_shift: float = 0.125,
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Weak flip/shift, then per-sample RandAugment (random magnitude), then Cutout.
 
@@ -475,10 +490,11 @@ def strong_view(
     generator state.
     """
     _check(x)
-    x = weak_view(x, generator, flip=flip, max_shift=max_shift)
+    x = weak_view(x, generator, flip=flip, max_shift=max_shift, shard=shard)
     b, _, h, w = x.shape
-    ops, magnitudes = draw_randaugment(b, generator, num_ops=num_ops, magnitude_max=magnitude_max, device=x.device)
-    u_cut = _rand(generator, 3, b, device=x.device)  # drawn even if cutout == 0: fixed stream
+    ops, magnitudes = draw_randaugment(b, generator, num_ops=num_ops, magnitude_max=magnitude_max, device=x.device,
+                                       shard=shard)
+    u_cut = _rand(generator, 3, b, device=x.device, shard=shard)  # drawn even if cutout == 0: fixed stream
     if b == 0:
         return x
     x = randaugment(x, ops, magnitudes)

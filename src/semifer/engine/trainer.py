@@ -171,7 +171,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     dist.init_from_env()
     rank, world = dist.rank(), dist.world_size()
     device = resolve_device(cfg.run.device)
-    run_dir = prepare_run_dir(cfg, write=dist.is_main())
+    # Rank 0 writes config.yaml first; the others compare against the finished file, not a half-written one.
+    run_dir = prepare_run_dir(cfg, write=True) if dist.is_main() else None
+    dist.barrier()
+    run_dir = run_dir or prepare_run_dir(cfg, write=False)
     torch.manual_seed(cfg.run.seed)
     amp = amp_dtype(cfg.optim.amp, device)
     C = NUM_CLASSES
@@ -266,12 +269,14 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg.optim, step) * g.get("lr_scale", 1.0)
         lb = lab_src.batch(step)
-        gen = step_generator(cfg.run.seed, step, rank, 0, device)
-        batch = {"x_l": weak_view(lb["x"].to(device, non_blocking=True), gen), "y_l": lb["y"].to(device)}
+        # One generator for all ranks, each keeping its slice of the global batch's draws: a
+        # world-W run augments every sample as one process with a W x batch would.
+        gen, shard = step_generator(cfg.run.seed, step, 0, 0, device), (rank, world)
+        batch = {"x_l": weak_view(lb["x"].to(device, non_blocking=True), gen, shard=shard), "y_l": lb["y"].to(device)}
         if unl_src is not None and algo.wants_unlabeled(step):
             ub = unl_src.batch(step)
             xu = ub["x"].to(device, non_blocking=True)
-            batch.update(x_uw=weak_view(xu, gen), x_us=strong_view(xu, gen),
+            batch.update(x_uw=weak_view(xu, gen, shard=shard), x_us=strong_view(xu, gen, shard=shard),
                          idx_u=ub["idx"].to(device) if ub.get("idx") is not None else None,
                          y_u_true=ub["y_true"].to(device) if ub.get("y_true") is not None else None)
         bn_snapshot.take()
