@@ -38,7 +38,7 @@ def test_alignment_is_a_checkpointed_buffer_and_rejects_bad_momentum():
         DistributionAlignment(torch.tensor([0, 0]))
 
 
-@pytest.mark.parametrize("name,setting,expected", [("dtm", "auto", True), ("fixmatch", "auto", False),
+@pytest.mark.parametrize("name,setting,expected", [("dtm", "auto", False), ("dtm", True, True), ("fixmatch", "auto", False),
                                                    ("fixmatch", True, True), ("dtm", False, False)])
 def test_alignment_default_follows_the_algorithm(name, setting, expected):
     cfg = SSLConfig(algorithm=name, distribution_alignment=setting)

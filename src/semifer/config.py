@@ -74,7 +74,8 @@ class SSLConfig:
     tau_min: float = 0.8
     tau_max: float = 0.95
     prior_correction: bool = True   # divide the status by the teacher's predicted class prior
-    # Distribution alignment of pseudo-labels to the labeled class prior (auto: on for dtm only)
+    # Distribution alignment of the teacher's probabilities to a target prior (auto: the algorithm's
+    # default, off for all registered ones; set true where unlabeled and labeled priors match)
     distribution_alignment: bool | Literal["auto"] = "auto"
     alignment_momentum: float = 0.99
     alignment_target: Literal["labeled", "uniform"] = "uniform"   # uniform over labeled classes (macro-F1), or labeled prior
@@ -105,6 +106,9 @@ class OptimConfig:
     max_nonfinite_steps: int = 25   # consecutive skipped (NaN/inf loss or gradient) steps before the run stops
     layer_decay: float = 1.0        # layer-wise LR decay: backbone stage i of K gets lr * layer_decay ** (K - i)
     head_lr: float = 0.0            # learning rate of the classifier head (0 = optim.lr), follows the schedule
+    # torch.compile the student and the EMA teacher (in place; off: compiling costs minutes and
+    # changes float rounding, so it is a per-run choice; issue 6 measured ~1.3x on an H100).
+    compile: bool = False
 
 
 @dataclass

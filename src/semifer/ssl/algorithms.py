@@ -159,12 +159,11 @@ class DTM(PseudoLabelAlgorithm):
     Stage schedule: steps < warmup_steps are supervised only (the unlabeled batch is
     not even drawn); then lambda_u ramps linearly over ramp_steps while class-wise
     thresholds clip(tau * M(beta_t(c)), tau_min, tau_max) select pseudo-labels.
-    The teacher's probabilities are aligned to the labeled class prior first
-    (``ssl.distribution_alignment``), so the thresholds see a teacher whose class mix
-    is not dominated by the labeled set's most frequent class.
+    With ``ssl.distribution_alignment: true`` the teacher's probabilities are aligned to
+    a target prior first (right when the unlabeled faces share the labeled set's classes,
+    wrong for a skewed face-recognition prior; docs/method.md).
     """
 
-    aligns_by_default = True
 
     def make_policy(self, cfg: SSLConfig, num_classes: int, num_unlabeled: int | None) -> ThresholdPolicy:
         mode = resolve_status_mode(cfg.status_mode, num_unlabeled is not None)
