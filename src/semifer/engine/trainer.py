@@ -83,8 +83,11 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: OptimConfig, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
     """SGD (Nesterov) or AdamW; no weight decay on biases and normalisation parameters.
+
+    ``fused``: one fused kernel per parameter group (the trainer sets it on CUDA only, so CPU
+    numerics are unchanged); it changes no optimizer state, see :func:`set_fused`.
 
     With ``layer_decay`` or ``head_lr`` set, one group per backbone stage and the head, each
     with an ``lr_scale`` (semifer.models.finetune); otherwise the two groups of old, so old
@@ -97,9 +100,23 @@ def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
         decay = [p for p in model.parameters() if p.ndim > 1]
         no_decay = [p for p in model.parameters() if p.ndim <= 1]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kw)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **kw)
+
+
+def set_fused(opt: torch.optim.Optimizer, fused: bool) -> None:
+    """Pick the fused or the default implementation after ``load_state_dict``.
+
+    A loaded state dict brings the saved run's ``fused``/``foreach`` flags along; the state
+    itself (momentum buffers, Adam moments) is the same for both, so a checkpoint written on
+    CUDA (fused) resumes on a CPU (default implementation) and the other way round.
+    """
+    for g in opt.param_groups:
+        g["fused"] = True if fused else None
+        if fused:
+            g["foreach"] = None
 
 
 def lr_at(cfg: OptimConfig, step: int) -> float:
@@ -177,6 +194,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     run_dir = run_dir or prepare_run_dir(cfg, write=False)
     torch.manual_seed(cfg.run.seed)
     amp = amp_dtype(cfg.optim.amp, device)
+    pin = device.type == "cuda"  # pinned host batches: host->device copies run async (non_blocking)
     C = NUM_CLASSES
 
     labeled, rest = _split_labeled(_labeled(load_source(cfg.data.labeled, cfg.data)), cfg, run_dir)
@@ -192,6 +210,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
         if dist.is_main():
             print(f"semifer: pretrained: {pretrained.summary()}")
     ema = ModelEMA(model, cfg.ssl.ema_decay).to(device)
+    if cfg.optim.compile:
+        # In place: state_dict keys, checkpoints and the EMA's weight averaging are unchanged.
+        model.compile()
+        ema.module.compile()
     algo_cls_uses_unlabeled = _algorithm_uses_unlabeled(cfg.ssl.algorithm)
     unlabeled, unl_src, num_unlabeled = None, None, None
     if algo_cls_uses_unlabeled:
@@ -209,7 +231,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
             src = srcs[0] if len(srcs) == 1 else MixedSource(list(zip(srcs, weights)))
             unl_src = StreamingBatchSource(src, cfg.optim.batch_size * cfg.ssl.mu, cfg.data.image_size,
                                            cfg.data.channels, cfg.run.seed, rank, world,
-                                           num_workers=cfg.data.num_workers, stream=2)
+                                           num_workers=cfg.data.num_workers, stream=2, pin_memory=pin)
             num_unlabeled = len(unl_src) if unl_src.has_index else None
         else:
             if cfg.data.unlabeled_weights:
@@ -221,12 +243,14 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
             if not sets:
                 raise ValueError(f"{cfg.ssl.algorithm} needs unlabeled data: set data.unlabeled")
             unlabeled = _concat(sets, "unlabeled")
-            unl_src = InMemorySource(unlabeled, cfg.optim.batch_size * cfg.ssl.mu, cfg.run.seed, rank, world, stream=2)
+            unl_src = InMemorySource(unlabeled, cfg.optim.batch_size * cfg.ssl.mu, cfg.run.seed, rank, world, stream=2,
+                                     pin_memory=pin)
             num_unlabeled = len(unlabeled)
     algo = build_algorithm(cfg.ssl, C, labeled.class_counts(C), num_unlabeled=num_unlabeled,
                            imbalance=cfg.optim.imbalance).to(device)
-    opt = make_optimizer(cfg.optim, model)
-    lab_src = InMemorySource(labeled, cfg.optim.batch_size, cfg.run.seed, rank, world, stream=1)
+    fused = device.type == "cuda"  # fused optimizer kernels on CUDA; CPU keeps its (bit-exact) default
+    opt = make_optimizer(cfg.optim, model, fused=fused)
+    lab_src = InMemorySource(labeled, cfg.optim.batch_size, cfg.run.seed, rank, world, stream=1, pin_memory=pin)
 
     step, wall_s, best = 0, 0.0, {"macro_f1": -1.0, "step": -1}
     guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
@@ -243,6 +267,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
         ema.module.load_state_dict(ck["ema"])
         algo.load_state_dict(ck["algorithm"])
         opt.load_state_dict(ck["optimizer"])
+        set_fused(opt, fused)
         step, wall_s, best = int(ck["step"]), float(ck["wall_s"]), dict(ck["best"])
         guard.load_state_dict(ck.get("nonfinite", {}))
     logger = RunLogger(run_dir, enabled=dist.is_main(), resume_step=step if step > 0 else None)
@@ -272,13 +297,15 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
         # One generator for all ranks, each keeping its slice of the global batch's draws: a
         # world-W run augments every sample as one process with a W x batch would.
         gen, shard = step_generator(cfg.run.seed, step, 0, 0, device), (rank, world)
-        batch = {"x_l": weak_view(lb["x"].to(device, non_blocking=True), gen, shard=shard), "y_l": lb["y"].to(device)}
+        # Pinned sources on CUDA: no copy below waits for the device (a pageable copy would).
+        batch = {"x_l": weak_view(lb["x"].to(device, non_blocking=True), gen, shard=shard),
+                 "y_l": lb["y"].to(device, non_blocking=True)}
         if unl_src is not None and algo.wants_unlabeled(step):
             ub = unl_src.batch(step)
             xu = ub["x"].to(device, non_blocking=True)
             batch.update(x_uw=weak_view(xu, gen, shard=shard), x_us=strong_view(xu, gen, shard=shard),
-                         idx_u=ub["idx"].to(device) if ub.get("idx") is not None else None,
-                         y_u_true=ub["y_true"].to(device) if ub.get("y_true") is not None else None)
+                         idx_u=ub["idx"].to(device, non_blocking=True) if ub.get("idx") is not None else None,
+                         y_u_true=ub["y_true"].to(device, non_blocking=True) if ub.get("y_true") is not None else None)
         bn_snapshot.take()
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             loss, logs = algo.step(student, teacher, batch, step)
