@@ -8,8 +8,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from semifer.registry import THRESHOLDS
+from semifer.ssl.softmask import SoftMask
 
 C, N, B = 4, 16, 4
+
+
+class SoftMaskOnProbs(SoftMask):
+    """SoftMask fed like a policy: update(probs, index)."""
+
+    def update(self, probs, index=None):
+        conf, pred = probs.max(dim=1)
+        super().update(conf, pred)
 
 
 def make_policies():
@@ -18,6 +27,7 @@ def make_policies():
         "dtm_streamed": THRESHOLDS.get("dtm")(C, tau=0.6, mode="streamed", momentum=0.5),
         "flex_indexed": THRESHOLDS.get("flexmatch")(C, tau=0.6, mode="indexed", num_samples=N),
         "freematch": THRESHOLDS.get("freematch")(C, momentum=0.5),
+        "soft_mask": SoftMaskOnProbs(C, momentum=0.5),
     }
 
 

@@ -79,6 +79,13 @@ class SSLConfig:
     distribution_alignment: bool | Literal["auto"] = "auto"
     alignment_momentum: float = 0.99
     alignment_target: Literal["labeled", "uniform"] = "uniform"   # uniform over labeled classes (macro-F1), or labeled prior
+    # Below-threshold pseudo-labels keep a Gaussian weight in the gap to their class threshold,
+    # scaled by that class's confidence spread (ssl/softmask.py); off = hard 0/1 mask
+    soft_mask: bool = False
+    soft_mask_momentum: float = 0.999
+    # Adaptive margin (DebiasPL, Wang et al. 2022): the strong-view loss uses logits + m * log(pbar),
+    # pbar = the teacher's running mean probability (needs distribution_alignment); 0 = off
+    adaptive_margin: float = 0.0
     warmup_steps: int = 0           # supervised-only stage before thresholds are active
     ramp_steps: int = 0             # linear ramp of lambda_u after the warm-up
     # FreeMatch only

@@ -18,6 +18,7 @@ from semifer.config import SSLConfig
 from semifer.registry import ALGORITHMS, THRESHOLDS
 from semifer.ssl.alignment import DistributionAlignment
 from semifer.ssl.losses import freematch_fairness_loss, masked_pseudo_label_loss, supervised_loss
+from semifer.ssl.softmask import SoftMask
 from semifer.ssl.thresholds import ThresholdPolicy, resolve_status_mode
 
 Logs = dict[str, torch.Tensor]
@@ -74,6 +75,7 @@ class PseudoLabelAlgorithm(Algorithm):
         align = cfg.distribution_alignment is True or (cfg.distribution_alignment == "auto" and self.aligns_by_default)
         self.alignment = DistributionAlignment(labeled_counts, cfg.alignment_momentum,
                                                 cfg.alignment_target) if align else None
+        self.soft_mask = SoftMask(num_classes, cfg.soft_mask_momentum) if cfg.soft_mask else None
 
     def make_policy(self, cfg: SSLConfig, num_classes: int, num_unlabeled: int | None) -> ThresholdPolicy:
         return THRESHOLDS.get("fixed")(num_classes, tau=cfg.tau)
@@ -104,8 +106,15 @@ class PseudoLabelAlgorithm(Algorithm):
             probs = self.alignment(probs)
         self.policy.update(probs, batch.get("idx_u"))
         mask, pseudo = self.policy.mask(probs, batch.get("idx_u"))
+        if self.soft_mask is not None:
+            conf = probs.max(dim=1).values
+            self.soft_mask.update(conf, pseudo)
+            mask = self.soft_mask.weights(conf, pseudo, self.policy.thresholds())
         loss_x = self.labeled_loss(logits_l, y_l)
-        loss_u = masked_pseudo_label_loss(logits_us.float(), pseudo, mask)
+        logits_u = logits_us.float()
+        if self.cfg.adaptive_margin > 0 and self.alignment is not None:
+            logits_u = logits_u + self.cfg.adaptive_margin * self.alignment.running.clamp_min(1e-6).log()
+        loss_u = masked_pseudo_label_loss(logits_u, pseudo, mask)
         loss = loss_x + lam * loss_u
         extra = self.extra_loss(logits_us, mask)
         if extra is not None:
