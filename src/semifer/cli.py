@@ -96,15 +96,54 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from semifer.infer import Predictor
-    from semifer.infer.run import predict_media
+    from semifer.infer.run import merge_predictions, predict_media
+    from semifer.infer.shards import device_for, pick_shard
 
-    pred = Predictor(a.checkpoint, detector=a.detector, detector_options=_detector_options(a),
-                     device=a.device, batch_size=a.batch_size)
-    rep = predict_media(pred, a.inputs, a.out, every=a.every, smooth=a.smooth, annotate=a.annotate,
-                        max_frames=a.max_frames, abaw=a.abaw, fill=a.fill, progress=not a.quiet)
+    if a.merge:
+        if a.checkpoint or a.inputs or a.shard:
+            raise ValueError("--merge OUT takes no checkpoint, inputs or --shard")
+        rep = merge_predictions(a.merge, abaw=a.abaw, fill=a.fill)
+    else:
+        if not a.checkpoint or not a.inputs or not a.out:
+            raise ValueError("predict needs CHECKPOINT, at least one INPUT and --out (or --merge OUT)")
+        shard = pick_shard(a.shard)
+        pred = Predictor(a.checkpoint, detector=a.detector, detector_options=_detector_options(a),
+                         device=device_for(a.device, shard), batch_size=a.batch_size)
+        rep = predict_media(pred, a.inputs, a.out, every=a.every, smooth=a.smooth, annotate=a.annotate,
+                            max_frames=a.max_frames, abaw=a.abaw, fill=a.fill, progress=not a.quiet, shard=shard)
+        if shard.count > 1 and not shard.launched:
+            if a.abaw:
+                print("ABAW files are written by the merge: semifer predict --merge OUT --abaw ...")
+            print(f"shard {shard} done; when all {shard.count} are: semifer predict --merge {a.out}")
     print(rep.summary())
     for f in rep.abaw_files:
         print(f"ABAW: {f}")
+    return 0
+
+
+def _add_shard_args(p: argparse.ArgumentParser, cmd: str) -> None:
+    p.add_argument("--shard", metavar="I/N", help="this job's share of the inputs (0 <= I < N), written to "
+                   "OUT/shards/; under torchrun the shard is the rank (docs/distributed.md)")
+    p.add_argument("--merge", metavar="OUT", help=f"merge OUT/shards/ into the {cmd} file once every shard is there")
+
+
+def _cmd_pseudolabel(a: argparse.Namespace) -> int:
+    from semifer.infer.pseudolabel import merge_pseudolabels, pseudolabel
+    from semifer.infer.shards import device_for, pick_shard
+
+    if a.merge:
+        if a.checkpoint or a.unlabeled or a.shard:
+            raise ValueError("--merge OUT takes no --checkpoint, --unlabeled or --shard")
+        rep = merge_pseudolabels(a.merge)
+    else:
+        if not a.checkpoint or not a.unlabeled or not a.out:
+            raise ValueError("pseudolabel needs --checkpoint, at least one --unlabeled and --out (or --merge OUT)")
+        shard = pick_shard(a.shard)
+        rep = pseudolabel(a.checkpoint, a.unlabeled, a.out, batch_size=a.batch_size, threshold=a.threshold,
+                          device=device_for(a.device, shard), workers=a.workers, shard=shard, progress=not a.quiet)
+        if shard.count > 1 and not shard.launched:
+            print(f"shard {shard} done; when all {shard.count} are: semifer pseudolabel --merge {a.out}")
+    print(rep.summary())
     return 0
 
 
@@ -196,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_prepare)
 
     pp = sub.add_parser("predict", help="expressions of every face in images, folders, videos or cam:N")
-    pp.add_argument("checkpoint", help="run directory, checkpoint file or exported .onnx")
-    pp.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, video file or cam:N")
-    pp.add_argument("--out", required=True, help="folder for predictions.csv (and annotated/, abaw/)")
+    pp.add_argument("checkpoint", nargs="?", help="run directory, checkpoint file or exported .onnx")
+    pp.add_argument("inputs", nargs="*", metavar="INPUT", help="image, folder, video file or cam:N")
+    pp.add_argument("--out", help="folder for predictions.csv (and annotated/, abaw/)")
+    _add_shard_args(pp, "predict")
     _add_detector_args(pp)
     pp.add_argument("--batch-size", type=int, default=64, help="faces per classifier batch")
     pp.add_argument("--smooth", type=float, default=0.0, help="video: exponential smoothing alpha in [0, 1)")
@@ -209,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--device", default="cpu")
     pp.add_argument("--quiet", action="store_true")
     pp.set_defaults(func=_cmd_predict)
+
+    pl = sub.add_parser("pseudolabel", help="class probabilities, label and confidence for unlabeled face crops")
+    pl.add_argument("--checkpoint", help="run directory or checkpoint file (EMA weights where it has them)")
+    pl.add_argument("--unlabeled", action="append", metavar="FORMAT:PATH",
+                    help="folder:, list:, wds:, recordio: (or an in-memory format such as npz:); repeatable")
+    pl.add_argument("--out", help="folder for pseudolabels.csv and pseudolabels.json")
+    pl.add_argument("--batch-size", type=int, default=256)
+    pl.add_argument("--threshold", help="keep rows with confidence >= this: a number, or dtm for the class-wise "
+                    "thresholds of the checkpoint's algorithm state")
+    pl.add_argument("--workers", type=int, default=2, help="decoding threads")
+    pl.add_argument("--device", default="cpu")
+    pl.add_argument("--quiet", action="store_true")
+    _add_shard_args(pl, "pseudolabels")
+    pl.set_defaults(func=_cmd_pseudolabel)
 
     ex = sub.add_parser("export", help="export a checkpoint to ONNX")
     ex.add_argument("checkpoint", help="run directory (best checkpoint) or checkpoint file")

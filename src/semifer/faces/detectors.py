@@ -93,6 +93,17 @@ class DlibDetector:
         return sorted(faces, key=lambda f: -f.score)
 
 
+@DETECTORS.register("whole")
+class WholeImage:
+    """No detection: the whole image is one face (already-aligned crops, e.g. ``semifer prepare``'s)."""
+
+    scheme = "whole"  # the predictor classifies the image as it is, no alignment
+
+    def __call__(self, image: np.ndarray) -> list[Face]:
+        h, w = image.shape[:2]
+        return [Face(np.array([0.0, 0.0, w, h]), 1.0, np.zeros((5, 2)), self.scheme)]
+
+
 def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     import torch
     from torchvision.ops import nms

@@ -77,6 +77,7 @@ class OnnxClassifier:
             raise ImportError("ONNX models need onnxruntime: pip install onnxruntime") from None
         if not Path(path).is_file():
             raise FileNotFoundError(f"no ONNX model at {path}")
+        self.path = Path(path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -106,6 +107,9 @@ class TorchClassifier:
     def __init__(self, path: Path | str, device: str = "cpu") -> None:
         from semifer.eval.report import load_model
 
+        from semifer.eval.report import resolve_checkpoint
+
+        self.path = resolve_checkpoint(path)
         self.model, cfg, _ = load_model(path, device)
         self.device = torch.device(device)
         self.image_size, self.channels = cfg.data.image_size, cfg.data.channels

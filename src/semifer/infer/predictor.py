@@ -67,14 +67,15 @@ class Predictor:
     def __init__(self, model: Path | str, detector: str = "dlib", detector_options: dict | None = None,
                  device: str = "cpu", batch_size: int = 64) -> None:
         self.classifier = load_classifier(model, device)
-        self.detector_name = detector
-        self.detector = build_detector(detector, **(detector_options or {}))
+        self.model_path = str(getattr(self.classifier, "path", model))
+        self.detector_name, self.detector_options = detector, dict(detector_options or {})
+        self.detector = build_detector(detector, **self.detector_options)
         self.batch_size = int(batch_size)
 
     def detect(self, image: np.ndarray) -> tuple[list[Face], list[np.ndarray]]:
-        """Faces of an RGB image and their aligned 112x112 crops."""
+        """Faces of an RGB image and their aligned 112x112 crops (``whole``: the image itself)."""
         faces = self.detector(image)
-        return faces, [align_face(image, f.landmarks, f.scheme) for f in faces]
+        return faces, [image if f.scheme == "whole" else align_face(image, f.landmarks, f.scheme) for f in faces]
 
     def classify(self, crops: list[np.ndarray]) -> np.ndarray:
         """Probabilities (N, 8) for aligned RGB crops, ``batch_size`` at a time."""

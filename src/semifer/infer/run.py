@@ -3,11 +3,12 @@
 ``OUT/predictions.csv`` has one row per face per frame (PRED_COLUMNS); a frame without a
 face gets one row with an empty ``face``, box and probabilities and the label ``none``.
 The file is written as ``.predictions.csv.partial`` and renamed when the run ends, so a
-finished file is always complete. Unreadable inputs are skipped and counted.
+finished file is always complete. Unreadable inputs are skipped and counted. Sharded over
+processes (torchrun or ``--shard I/N``), each shard writes its own file under ``OUT/shards/``
+and the merge gives the one-process file (:mod:`semifer.infer.shards`).
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import re
@@ -20,6 +21,8 @@ from PIL import Image, ImageDraw
 
 from semifer.data.decode import SkipCounter
 from semifer.faces.media import VIDEO_EXTS, Media, MediaError, count_frames, expand_inputs, iter_frames
+from semifer.infer.shards import (CsvOut, Shard, completed_shard, fingerprint, merge_shards, shard_files,
+                                  skips_from_dicts, skips_to_dict, wait_for_ranks)
 from semifer.labels import ABAW_LABELS
 
 PRED_COLUMNS = ["source", "frame", "timestamp", "face", "x1", "y1", "x2", "y2", "score", *ABAW_LABELS, "label"]
@@ -40,15 +43,19 @@ class PredictReport:
     seconds: float = 0.0
     skips: SkipCounter = field(default_factory=SkipCounter)
     abaw_files: list[str] = field(default_factory=list)
+    shard: str = ""         # "I/N" for one shard's report, "merged N" after a merge
+    reused: bool = False    # the shard was complete from an earlier run
 
     def summary(self) -> str:
+        if self.reused:
+            return f"{self.shard} already complete, not redone ({self.rows} rows, {self.skips.summary()}): {self.csv}"
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
         per_face = 1000 * self.classify_s / self.faces if self.faces else 0.0
         per_frame = 1000 * self.detect_s / self.frames if self.frames else 0.0
         return (f"{self.sources} sources, {self.frames} frames, {self.faces} faces -> {self.rows} rows in "
                 f"{self.seconds:.1f} s: {fps:.1f} frames/s, {self.faces / max(self.seconds, 1e-9):.1f} faces/s "
                 f"(detect+align {per_frame:.1f} ms/frame, classify {per_face:.2f} ms/face); "
-                f"{self.skips.summary()}; wrote {self.csv}")
+                f"{self.skips.summary()}; wrote {self.csv}" + (f" ({self.shard})" if self.shard else ""))
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -134,40 +141,116 @@ def _rows(source: str, index: int, ts: float, boxes, scores, probs) -> list[list
 
 def predict_media(predictor, inputs: list[str], out: Path | str, every: int = 1, smooth: float = 0.0,
                   annotate: bool = False, max_frames: int | None = None, abaw: str | None = None,
-                  fill: str = "nearest", progress: bool = True) -> PredictReport:
+                  fill: str = "nearest", progress: bool = True, shard: Shard | None = None) -> PredictReport:
     """Run ``predictor`` over images, folders, videos and ``cam:N``; write ``out/predictions.csv``.
 
     ``abaw`` = ``txt`` (one file per video under ``out/abaw/``) or ``single``
     (``out/abaw_predictions.txt``) also writes ABAW files (see :mod:`semifer.infer.abaw`).
+
+    ``shard`` (``--shard I/N`` or torchrun's rank, :mod:`semifer.infer.shards`): handle sources
+    ``I, I+N, ...`` only and write ``out/shards/predictions.I-of-N.csv``; a shard already complete
+    for the same job is not redone. Under torchrun rank 0 then waits for every rank and merges
+    (:func:`merge_predictions`); ABAW files are written after the merge only.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if abaw not in (None, "txt", "single"):
         raise ValueError(f"--abaw must be txt or single, got {abaw!r}")
-    report = PredictReport(out / "predictions.csv")
+    shard = shard or Shard()
     t0 = time.perf_counter()
-    media = expand_inputs(inputs, report.skips)
-    partial = out / ".predictions.csv.partial"
-    # surrogateescape: a non-UTF-8 file name is written byte-exact instead of stopping the run
-    with open(partial, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(PRED_COLUMNS)
-        for m in media:
-            report.sources += 1
-            _predict_source(predictor, m, writer, report, out, every, smooth, annotate, max_frames)
-            fh.flush()
-            if progress:
-                print(f"  {m.path}: done ({report.frames} frames so far)", flush=True)
-        os.fsync(fh.fileno())
-    os.replace(partial, report.csv)
+    skips = SkipCounter()
+    media = expand_inputs(inputs, skips)
+    if shard.count == 1:
+        report = PredictReport(out / "predictions.csv", skips=skips)
+        sink = CsvOut(report.csv, PRED_COLUMNS)
+        try:
+            _predict_sources(predictor, list(enumerate(media)), sink, report, out, every, smooth, annotate,
+                             max_frames, progress, keyed=False)
+        except BaseException:
+            sink.abort()
+            raise
+        sink.commit()
+    else:
+        report = _predict_shard(predictor, media, skips, out, shard, every, smooth, annotate, max_frames, progress)
+        if not shard.launched:
+            return report  # the other shards run elsewhere: `semifer predict --merge OUT`
+        wait_for_ranks(shard)
+        if shard.index != 0:
+            return report
+        report = merge_predictions(out, count=shard.count, launched=True)
     if abaw:
         report.abaw_files = write_abaw_from_csv(report.csv, out, layout=abaw, fill=fill)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _predict_source(predictor, m: Media, writer, report: PredictReport, out: Path, every: int, smooth: float,
-                    annotate: bool, max_frames: int | None) -> None:
+_COUNTS = ("sources", "frames", "faces", "rows", "detect_s", "classify_s")
+
+
+def _predict_shard(predictor, media: list[Media], skips: SkipCounter, out: Path, shard: Shard, every: int,
+                   smooth: float, annotate: bool, max_frames: int | None, progress: bool) -> PredictReport:
+    csv_path, meta_path = shard_files(out, "predictions", shard)
+    model = getattr(predictor, "model_path", None)
+    stat = Path(model).stat() if model and Path(model).is_file() else None
+    fp = fingerprint({"model": model, "model_file": stat and (stat.st_size, stat.st_mtime_ns),
+                      "detector": getattr(predictor, "detector_name", None),
+                      "detector_options": getattr(predictor, "detector_options", None),
+                      "every": every, "smooth": smooth, "max_frames": max_frames, "sources": len(media),
+                      "media": hashlib.sha1("\n".join(f"{m.kind}:{m.path}" for m in media).encode(
+                          "utf-8", "surrogateescape")).hexdigest()})
+    done = completed_shard(out, "predictions", shard, fp)
+    if done is not None:
+        report = PredictReport(csv_path, **{k: done[k] for k in _COUNTS}, seconds=done["seconds"],
+                               skips=skips_from_dicts([done["skips"]]), shard=f"shard {shard}", reused=True)
+        if progress:
+            print(f"  shard {shard}: already complete ({csv_path}), not redone", flush=True)
+        return report
+    t0 = time.perf_counter()
+    # inputs that expand to nothing are counted once, by shard 0
+    report = PredictReport(csv_path, skips=skips if shard.index == 0 else SkipCounter(), shard=f"shard {shard}")
+    mine = [(i, media[i]) for i in shard.indices(len(media))]
+    sink = CsvOut(csv_path, PRED_COLUMNS, keys=1)
+    try:
+        _predict_sources(predictor, mine, sink, report, out, every, smooth, annotate, max_frames, progress, keyed=True)
+    except BaseException:
+        sink.abort()
+        raise
+    report.seconds = time.perf_counter() - t0
+    sink.commit({"fingerprint": fp, "shard": str(shard), "order_keys": 1, "seconds": report.seconds,
+                 **{k: getattr(report, k) for k in _COUNTS}, "skips": skips_to_dict(report.skips)}, meta_path)
+    return report
+
+
+def merge_predictions(out: Path | str, abaw: str | None = None, fill: str = "nearest",
+                      count: int | None = None, launched: bool = False) -> PredictReport:
+    """``OUT/predictions.csv`` from the shard files of a sharded run (refused while any is missing).
+
+    Rows and their order are those of a one-process run; counts and skips are summed, the
+    time is the slowest shard's (they ran side by side).
+    """
+    out = Path(out)
+    metas = merge_shards(out, "predictions", PRED_COLUMNS, out / "predictions.csv", count, launched)
+    report = PredictReport(out / "predictions.csv", **{k: sum(m[k] for m in metas) for k in _COUNTS},
+                           seconds=max(m["seconds"] for m in metas),
+                           skips=skips_from_dicts([m["skips"] for m in metas]), shard=f"merged {len(metas)} shards")
+    if abaw:
+        report.abaw_files = write_abaw_from_csv(report.csv, out, layout=abaw, fill=fill)
+    return report
+
+
+def _predict_sources(predictor, media: list[tuple[int, Media]], sink: CsvOut, report: PredictReport, out: Path,
+                     every: int, smooth: float, annotate: bool, max_frames: int | None, progress: bool,
+                     keyed: bool) -> None:
+    for i, m in media:
+        report.sources += 1
+        _predict_source(predictor, m, sink, report, out, every, smooth, annotate, max_frames, (i,) if keyed else ())
+        sink.flush()
+        if progress:
+            print(f"  {m.path}: done ({report.frames} frames so far)", flush=True)
+
+
+def _predict_source(predictor, m: Media, sink: CsvOut, report: PredictReport, out: Path, every: int, smooth: float,
+                    annotate: bool, max_frames: int | None, key: tuple[int, ...] = ()) -> None:
     smoother = Smoother(smooth)
     annot = None
     pending: list[tuple] = []  # frames whose faces wait for the next classifier batch
@@ -184,7 +267,7 @@ def _predict_source(predictor, m: Media, writer, report: PredictReport, out: Pat
             boxes = np.array([f.box for f in faces]).reshape(-1, 4)
             p = smoother(boxes, p) if m.kind != "image" else p
             rows = _rows(m.path, index, ts, boxes, [f.score for f in faces], p)
-            writer.writerows(rows)
+            sink.writerows(rows, key)
             report.rows += len(rows)
             report.faces += len(faces)
             if annot is not None:
