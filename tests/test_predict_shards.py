@@ -250,3 +250,13 @@ def test_pseudolabel_thresholds_from_the_checkpoint_and_shard_merge(run_dir, ima
     assert [r[:2] for r in got] == [r[:2] for r in kept]
     assert f"{len(all_rows) - len(kept)} below threshold" in capsys.readouterr().out
     assert main(_pl_args(run_dir, specs, tmp_path / "u") + ["--threshold", "1.5"]) == 2
+
+
+def test_load_model_takes_the_ema_teacher_of_a_training_state(run_dir):
+    """last.pt holds student and EMA: loading it gives the EMA weights, the model best.pt stores."""
+    from semifer.eval.report import load_model
+
+    from_last, _, _ = load_model(run_dir / "checkpoints" / "last.pt")
+    from_best, _, _ = load_model(run_dir / "checkpoints" / "best.pt")
+    for (name, a), b in zip(from_last.state_dict().items(), from_best.state_dict().values()):
+        assert torch.equal(a, b), name

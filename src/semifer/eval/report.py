@@ -25,13 +25,17 @@ def resolve_checkpoint(path: Path | str) -> Path:
 
 
 def load_model(path: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, TrainConfig, dict]:
-    """Model (eval mode), its training config and the raw checkpoint from a run dir or checkpoint."""
+    """Model (eval mode), its training config and the raw checkpoint from a run dir or checkpoint.
+
+    A training-state file (``last.pt``) holds the student and the EMA teacher; the EMA weights
+    are loaded, because they are what the trainer evaluates and selects (``best.pt`` stores
+    them as ``model``)."""
     ckpt = load_checkpoint(resolve_checkpoint(path), map_location=device)
     if list(ckpt.get("labels", ABAW_LABELS)) != list(ABAW_LABELS):
         raise ValueError(f"{path}: checkpoint label order {ckpt.get('labels')} is not ABAW's")
     cfg = from_dict(TrainConfig, ckpt["config"])
     model = build_model(cfg.model, NUM_CLASSES, in_chans=cfg.data.channels)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
     return model.to(device).eval(), cfg, ckpt
 
 
