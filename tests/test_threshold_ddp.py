@@ -28,6 +28,8 @@ def make_policies():
         "flex_indexed": THRESHOLDS.get("flexmatch")(C, tau=0.6, mode="indexed", num_samples=N),
         "freematch": THRESHOLDS.get("freematch")(C, momentum=0.5),
         "soft_mask": SoftMaskOnProbs(C, momentum=0.5),
+        "dtm_quantile": THRESHOLDS.get("dtm")(C, tau=0.6, tau_min=0.5, mode="streamed", momentum=0.5,
+                                              class_quantile=0.3, quantile_floor=0.2, quantile_step=0.1),
     }
 
 

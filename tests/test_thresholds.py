@@ -125,3 +125,33 @@ def test_dtm_stage_schedule():
     assert algo.unlabeled_weight(14) == pytest.approx(1.0)
     assert algo.unlabeled_weight(19) == pytest.approx(2.0) and algo.unlabeled_weight(500) == pytest.approx(2.0)
     assert algo.policy.status.mode == "streamed"  # no index known -> streamed bookkeeping
+
+
+def test_dtm_class_quantile_accepts_a_share_of_every_class_down_to_the_floor():
+    """class_quantile q: each class's threshold tracks the confidence above which q of its predictions lie."""
+    from semifer.registry import THRESHOLDS
+
+    pol = THRESHOLDS.get("dtm")(4, tau=0.95, tau_min=0.8, mode="streamed", class_quantile=0.3,
+                                quantile_floor=0.4, quantile_step=0.02)
+    g = torch.Generator().manual_seed(0)
+    # Class 0 is predicted confidently, classes 1-3 never above ~0.7: a hard DTM would never accept them.
+    for _ in range(600):
+        logits = torch.randn(512, 4, generator=g)
+        logits[:128, 0] += 4.0
+        pol.update(torch.softmax(logits, 1))
+    thr = pol.thresholds()
+    assert thr[0] <= 0.95 and (thr[1:] < 0.8).all() and (thr >= 0.4).all()
+    probs = torch.softmax(torch.randn(20000, 4, generator=g), 1)
+    conf, pred = probs.max(1)
+    for c in range(1, 4):
+        share = (conf[pred == c] >= thr[c]).float().mean()
+        assert abs(share - 0.3) < 0.08, (c, share)
+    # The floor holds even when a class's quantile estimate falls below it.
+    pol.quantile.fill_(0.1)
+    assert torch.allclose(pol.thresholds(), torch.full((4,), 0.4))
+
+
+def test_dtm_without_class_quantile_has_no_extra_state():
+    from semifer.registry import THRESHOLDS
+
+    assert "quantile" not in THRESHOLDS.get("dtm")(4, mode="streamed").state_dict()

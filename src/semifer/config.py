@@ -74,6 +74,9 @@ class SSLConfig:
     tau_min: float = 0.8
     tau_max: float = 0.95
     prior_correction: bool = True   # divide the status by the teacher's predicted class prior
+    class_quantile: float = 0.0     # >0: every class accepts at least this share of its predictions (down to quantile_floor)
+    quantile_floor: float = 0.5
+    quantile_step: float = 0.005    # Robbins-Monro step of the per-class quantile estimate
     # Distribution alignment of the teacher's probabilities to a target prior (auto: the algorithm's
     # default, off for all registered ones; set true where unlabeled and labeled priors match)
     distribution_alignment: bool | Literal["auto"] = "auto"

@@ -178,7 +178,9 @@ class DTM(PseudoLabelAlgorithm):
         mode = resolve_status_mode(cfg.status_mode, num_unlabeled is not None)
         return THRESHOLDS.get("dtm")(num_classes, tau=cfg.tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
                                      mode=mode, num_samples=num_unlabeled, momentum=cfg.status_momentum,
-                                     warmup=cfg.threshold_warmup, prior_correction=cfg.prior_correction)
+                                     warmup=cfg.threshold_warmup, prior_correction=cfg.prior_correction,
+                                     class_quantile=cfg.class_quantile, quantile_floor=cfg.quantile_floor,
+                                     quantile_step=cfg.quantile_step)
 
     def unlabeled_weight(self, step: int) -> float:
         c = self.cfg

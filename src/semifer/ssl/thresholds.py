@@ -190,17 +190,44 @@ class DynamicThreshold(FlexMatchThreshold):
 
     def __init__(self, num_classes: int, tau: float = 0.95, tau_min: float = 0.7, tau_max: float = 0.95,
                  mode: str = "streamed", num_samples: int | None = None, momentum: float = 0.999,
-                 warmup: bool = True, prior_correction: bool = True) -> None:
+                 warmup: bool = True, prior_correction: bool = True, class_quantile: float = 0.0,
+                 quantile_floor: float = 0.5, quantile_step: float = 0.005) -> None:
         super().__init__(num_classes, tau, mode, num_samples, momentum, warmup)
         self.prior_correction = bool(prior_correction)
         if not 0.0 <= tau_min <= tau_max <= 1.0:
             raise ValueError(f"need 0 <= tau_min <= tau_max <= 1, got {tau_min}, {tau_max}")
+        if not 0.0 <= class_quantile < 1.0 or (class_quantile > 0 and not 0.0 <= quantile_floor <= tau_min):
+            raise ValueError(f"need 0 <= class_quantile < 1 and 0 <= quantile_floor <= tau_min, "
+                             f"got {class_quantile}, {quantile_floor}")
         self.tau_min = float(tau_min)
         self.tau_max = float(tau_max)
+        self.class_quantile = float(class_quantile)
+        self.quantile_floor = float(quantile_floor)
+        self.quantile_step = float(quantile_step)
+        if self.class_quantile > 0:
+            # Running estimate of the confidence above which `class_quantile` of each class's
+            # predictions lie (Robbins-Monro quantile tracking; docs/method.md).
+            self.register_buffer("quantile", torch.full((num_classes,), float(tau_max)))
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        super().update(probs, index)
+        if self.class_quantile <= 0:
+            return
+        conf, pred = probs.detach().float().max(dim=1)
+        n = torch.zeros_like(self.quantile).scatter_add_(0, pred, torch.ones_like(conf))
+        above = torch.zeros_like(self.quantile).scatter_add_(0, pred, (conf > self.quantile[pred]).float())
+        n, above = dist.all_reduce_sum(torch.stack([n, above]))
+        step = self.quantile_step * (above / n.clamp_min(1.0) - self.class_quantile)
+        self.quantile.add_(torch.where(n > 0, step, torch.zeros_like(step))).clamp_(0.0, 1.0)
 
     def thresholds(self) -> torch.Tensor:
         beta = self.status.beta(self.warmup, self.prior_correction)
-        return (self.tau * convex_map(beta)).clamp(self.tau_min, self.tau_max)
+        thr = (self.tau * convex_map(beta)).clamp(self.tau_min, self.tau_max)
+        if self.class_quantile > 0:
+            # Every class keeps at least its most confident `class_quantile` share, down to the floor.
+            thr = torch.minimum(thr, self.quantile.clamp(min=self.quantile_floor))
+        return thr
 
 
 @THRESHOLDS.register("freematch")
