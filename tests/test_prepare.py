@@ -115,3 +115,11 @@ def test_cli_prepare_and_detectors(media, tmp_path, capsys):
     assert len(crops) == 1 and Image.open(crops[0]).size == (112, 112)
     assert main(["prepare", str(media), "--out", str(out), "--detector", "scrfd"]) == 2  # no model file
     assert "detector-model" in capsys.readouterr().err
+
+
+def test_prepare_refuses_the_whole_image_detector_before_writing(tmp_path):
+    from semifer.faces.prepare import prepare
+
+    with pytest.raises(ValueError, match="needs a face detector"):
+        prepare([str(tmp_path)], tmp_path / "out", detector="whole")
+    assert not (tmp_path / "out").exists()

@@ -173,6 +173,9 @@ def prepare(inputs: list[str], out: Path | str, detector: str = "dlib", detector
         raise ValueError("every must be >= 1")
     if ext not in ("jpg", "png"):
         raise ValueError(f"crop format must be jpg or png, got {ext!r}")
+    if detector == "whole":  # it finds no faces, it declares the image one: nothing to crop or align
+        raise ValueError("semifer prepare needs a face detector (dlib, scrfd); 'whole' treats every image as an "
+                         "already-aligned face, so use the images as they are (predict --detector whole)")
     options = dict(detector_options or {})
     det = build_detector(detector, **options)  # fails here, with a clear message, not in every worker
     _check_settings(out, {"detector": detector, "options": options, "every": every, "ext": ext,
