@@ -1,0 +1,48 @@
+"""One FER2013 trial run: the benchmark's ``base_config`` plus JSON overrides (tuning, not the table).
+
+    python benchmarks/fer2013_trial.py NAME ALGORITHM STEPS ['{"ssl": {"soft_mask": true}, "c": {...}, "frac": 0.1}'] \
+        [--data ../shared/data] [--out runs/trials]
+
+``c`` overrides the cpu config's entries (e.g. ``{"eval_every": 500}``), ``frac`` the labeled
+fraction (0.0 = all labels), every other key a config section. Writes OUT/NAME/ (the run) and
+OUT/NAME.json (the benchmark's row). docs/benchmarks.md lists the trials run with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fer2013_ssl as bench  # noqa: E402
+
+from semifer.config import load_config, to_dict  # noqa: E402
+from semifer.engine import train  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name")
+    ap.add_argument("algorithm")
+    ap.add_argument("steps", type=int)
+    ap.add_argument("overrides", nargs="?", default="{}")
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=Path("runs/trials"))
+    a = ap.parse_args()
+    over = json.loads(a.overrides)
+    c = {**bench.CONFIGS["cpu"], **over.pop("c", {})}
+    frac = over.pop("frac", 0.1)
+    faces = f"images:{a.data / 'unlabeled_faces'}"
+    d = to_dict(bench.base_config(c, a.data, a.out / a.name, a.algorithm, a.steps, frac, [faces]))
+    for section, values in over.items():
+        d[section].update(values)
+    cfg = load_config(base=d)
+    cfg.run.progress = False
+    row = bench.row(train(cfg))
+    (a.out / f"{a.name}.json").write_text(json.dumps({"name": a.name, "overrides": a.overrides, **row}, indent=1))
+    print(json.dumps({"name": a.name, **{k: v for k, v in row.items() if k != "per_class_f1"}}))
+
+
+if __name__ == "__main__":
+    main()
