@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from semifer.config import SSLConfig
 from semifer.ssl.losses import freematch_fairness_loss, masked_pseudo_label_loss, supervised_loss
 
 
@@ -40,12 +41,33 @@ def test_masked_loss_averages_over_all_unlabeled_samples():
     assert masked_pseudo_label_loss(logits, pseudo, mask).item() == pytest.approx(expected)
 
 
-def test_fairness_loss_is_zero_without_accepted_samples_and_favours_diversity():
+def test_fairness_loss_is_zero_without_accepted_samples():
     p_model = torch.tensor([0.5, 0.5])
     hist = torch.tensor([0.5, 0.5])
     none = freematch_fairness_loss(torch.randn(4, 2), torch.zeros(4), p_model, hist)
     assert none.item() == 0.0
-    diverse = torch.tensor([[4.0, 0.0], [0.0, 4.0]])
-    collapsed = torch.tensor([[4.0, 0.0], [4.0, 0.0]])
-    ones = torch.ones(2)
-    assert freematch_fairness_loss(diverse, ones, p_model, hist) < freematch_fairness_loss(collapsed, ones, p_model, hist)
+
+
+def test_fairness_loss_matches_published_sign_on_a_hand_computed_example():
+    """L_f = -H(SumNorm(p_t/h_t), SumNorm(pbar/hbar)) = + sum_c target_c * log batch_c (FreeMatch eq. 11)."""
+    p_model = torch.tensor([0.5, 0.3, 0.2])
+    label_hist = torch.tensor([0.5, 0.25, 0.25])
+    # target: p_t / h_t = [1, 1.2, 0.8] (sum 3) -> [1/3, 0.4, 0.8/3]
+    target = [1 / 3, 0.4, 0.8 / 3]
+    # three accepted strong views with softmax [0.6, 0.3, 0.1], [0.25, 0.5, 0.25], [0.25, 0.25, 0.5]
+    # (argmax 0, 1, 2) and one rejected sample that must not count
+    accepted = torch.tensor([[6.0, 3.0, 1.0], [1.0, 2.0, 1.0], [1.0, 1.0, 2.0]]).log()
+    logits = torch.cat([accepted, torch.tensor([[9.0, 0.0, 0.0]])])
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    # pbar = [1.1, 1.05, 0.85] / 3, hbar = [1, 1, 1] / 3 -> pbar / hbar = [1.1, 1.05, 0.85] (sum 3)
+    batch = [1.1 / 3, 1.05 / 3, 0.85 / 3]
+    expected = sum(t * math.log(b) for t, b in zip(target, batch))  # = -H(target, batch) ~ -1.0907
+    assert expected == pytest.approx(-1.09066, abs=1e-4)
+    got = freematch_fairness_loss(logits, mask, p_model, label_hist)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_freematch_uses_the_published_fairness_weight_by_default():
+    # USB's FreeMatch configs (config/classic_cv/freematch/*.yaml): ent_loss_ratio: 0.001
+    assert SSLConfig().fairness_weight == 0.001
+    assert SSLConfig(fairness_weight=0).fairness_weight == 0  # the variant without the term

@@ -155,3 +155,91 @@ def test_dtm_without_class_quantile_has_no_extra_state():
     from semifer.registry import THRESHOLDS
 
     assert "quantile" not in THRESHOLDS.get("dtm")(4, mode="streamed").state_dict()
+
+
+def _sequential_status(selected, last_pred, index, conf, pred, tau):
+    """Reference: FlexMatch's bookkeeping one sample at a time, in batch order (later repeats win)."""
+    for i, q, c in zip(index.tolist(), conf.tolist(), pred.tolist()):
+        if q > tau:
+            selected[i] = c
+        last_pred[i] = c
+
+
+def test_indexed_status_with_repeated_indices_matches_sequential_assignment():
+    """A set smaller than one global batch is tiled, so one batch repeats indices (StepSampler)."""
+    N, B, C, tau = 50, 96, 5, 0.7
+    st = LearningStatus(C, "indexed", num_samples=N)
+    ref_sel, ref_pred = [-1] * N, [-1] * N
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        index = torch.randint(0, N, (B,), generator=g)  # ~ half the batch are repeats
+        probs = torch.softmax(3 * torch.randn(B, C, generator=g), dim=1)
+        conf, pred = probs.max(dim=1)
+        st.update(conf, pred, tau, index)
+        _sequential_status(ref_sel, ref_pred, index, conf, pred, tau)
+        assert st.selected.tolist() == ref_sel and st.last_pred.tolist() == ref_pred
+        for values, hist in ((st.selected, st.counts), (st.last_pred, st.pred_counts)):
+            assert (hist >= 0).all(), hist.tolist()
+            assert hist.tolist() == torch.bincount(values + 1, minlength=C + 1).tolist()
+            assert int(hist.sum()) == N
+
+
+def test_flexmatch_status_with_a_tiled_step_sampler_batch():
+    from semifer.data.imageset import StepSampler
+
+    N, B, C, tau = 50, 96, 5, 0.7
+    sampler = StepSampler(N, B, seed=1)
+    assert sampler.tiles == 2
+    pol = THRESHOLDS.get("flexmatch")(C, tau=tau, mode="indexed", num_samples=N)
+    ref_sel, ref_pred = [-1] * N, [-1] * N
+    g = torch.Generator().manual_seed(1)
+    for step in range(40):
+        index = sampler.indices(step)
+        assert len(set(index.tolist())) < B  # the batch repeats samples
+        probs = torch.softmax(3 * torch.randn(B, C, generator=g), dim=1)
+        pol.update(probs, index)
+        conf, pred = probs.max(dim=1)
+        _sequential_status(ref_sel, ref_pred, index, conf, pred, tau)
+        st = pol.status
+        assert st.selected.tolist() == ref_sel
+        assert st.counts.tolist() == torch.bincount(st.selected + 1, minlength=C + 1).tolist()
+        assert (st.counts >= 0).all() and (pol.thresholds() >= 0).all()
+
+
+class _Logits(torch.nn.Module):
+    """A 'network' whose input already is its logits."""
+
+    def forward(self, x):
+        return x
+
+
+def _flexmatch_step(algo, probs, index):
+    C = probs.shape[1]
+    batch = {"x_l": torch.zeros(1, C), "y_l": torch.zeros(1, dtype=torch.long),
+             "x_uw": probs.log(), "x_us": probs.log(), "idx_u": index}
+    _, logs = algo.step(_Logits(), _Logits(), batch, step=0)
+    return logs
+
+
+def test_flexmatch_masks_with_the_previous_status_then_updates():
+    """USB's FlexMatch hook computes the mask from the previous step's status, then updates it."""
+    cfg = SSLConfig(algorithm="flexmatch", tau=0.9, status_mode="indexed", threshold_warmup=True)
+    algo = ALGORITHMS.get("flexmatch")(cfg, 3, torch.tensor([1, 1, 1]), num_unlabeled=2)
+    probs = one_hot_probs([0, 0], [0.95, 0.5])
+    # Step 1: status still all-unused -> thresholds 0 -> both accepted. (Updating first would make
+    # sigma(0) = 1/2 = unused, beta(0) = 1, threshold 0.9, and reject the 0.5 sample.)
+    logs = _flexmatch_step(algo, probs, torch.tensor([0, 1]))
+    assert logs["mask_rate"].item() == 1.0
+    assert algo.policy.status.selected.tolist() == [0, -1]  # ... and the batch was absorbed after masking
+    # Step 2: the same batch now meets threshold 0.9 for class 0.
+    logs = _flexmatch_step(algo, probs, torch.tensor([0, 1]))
+    assert logs["mask_rate"].item() == 0.5
+
+
+def test_policy_order_flags():
+    from semifer.ssl.thresholds import DynamicThreshold
+
+    assert THRESHOLDS.get("fixed").update_before_mask
+    assert THRESHOLDS.get("freematch").update_before_mask
+    assert not THRESHOLDS.get("flexmatch").update_before_mask
+    assert not DynamicThreshold.update_before_mask  # the FlexMatch-status DTM policy

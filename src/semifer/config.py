@@ -93,7 +93,9 @@ class SSLConfig:
     ramp_steps: int = 0             # linear ramp of lambda_u after the warm-up
     # FreeMatch only
     freematch_momentum: float = 0.999
-    fairness_weight: float = 0.0    # FreeMatch self-adaptive fairness loss weight
+    # Weight of FreeMatch's self-adaptive fairness loss (sign as published, ssl/losses.py); 0.001 is
+    # USB's FreeMatch setting (ent_loss_ratio: 0.001); 0 = FreeMatch without the term
+    fairness_weight: float = 0.001
 
 
 @dataclass

@@ -104,12 +104,18 @@ class PseudoLabelAlgorithm(Algorithm):
                 probs = teacher(x_uw).float().softmax(dim=1)
         if self.alignment is not None:
             probs = self.alignment(probs)
-        self.policy.update(probs, batch.get("idx_u"))
-        mask, pseudo = self.policy.mask(probs, batch.get("idx_u"))
+        if self.policy.update_before_mask:  # FixMatch, FreeMatch (as USB): absorb the batch, then mask it
+            self.policy.update(probs, batch.get("idx_u"))
+            thr = self.policy.thresholds()
+            mask, pseudo = self.policy.mask(probs, batch.get("idx_u"))
+        else:  # FlexMatch, DTM (USB's FlexMatch hook): mask with the previous step's status, then update
+            thr = self.policy.thresholds()
+            mask, pseudo = self.policy.mask(probs, batch.get("idx_u"))
+            self.policy.update(probs, batch.get("idx_u"))
         if self.soft_mask is not None:
             conf = probs.max(dim=1).values
             self.soft_mask.update(conf, pseudo)
-            mask = self.soft_mask.weights(conf, pseudo, self.policy.thresholds())
+            mask = self.soft_mask.weights(conf, pseudo, thr)  # the thresholds the hard mask used
         loss_x = self.labeled_loss(logits_l, y_l)
         logits_u = logits_us.float()
         if self.cfg.adaptive_margin > 0 and self.alignment is not None:

@@ -38,12 +38,18 @@ def _sum_norm(x: torch.Tensor) -> torch.Tensor:
 
 def freematch_fairness_loss(logits_s: torch.Tensor, mask: torch.Tensor, p_model: torch.Tensor,
                             label_hist: torch.Tensor) -> torch.Tensor:
-    """FreeMatch's self-adaptive fairness term (Wang et al., 2023, eq. 10).
+    """FreeMatch's self-adaptive fairness term, with the published sign (Wang et al., 2023, eq. 11).
 
-    Cross-entropy between SumNorm(p_t / h_t) (the teacher's class model, de-biased by
-    its own histogram) and SumNorm(pbar / hbar) (the same for the strong views of the
-    accepted samples in this batch); minimising it pushes predictions toward diversity
-    across classes. Computed with masks instead of boolean indexing to avoid host syncs.
+    L_f = -H(SumNorm(p_t / h_t), SumNorm(pbar / hbar)) = + sum_c target(c) * log batch(c):
+    target = SumNorm(p_t / h_t) is the teacher's class model de-biased by its own histogram
+    (EMAs, no gradient), batch = SumNorm(pbar / hbar) the same for the strong views of the
+    accepted samples in this batch (hbar from argmax, no gradient). The value is <= 0 and is
+    *added* to the loss, i.e. the cross-entropy is maximised. This is eq. 11 as published and
+    as USB implements it (semilearn/algorithms/freematch ``entropy_loss``, no minus sign);
+    the maintainers confirm it is intended (microsoft/Semi-supervised-learning issue #182):
+    with target = batch it is -H(batch), so minimising it maximises the entropy of the
+    de-biased mean prediction, and the target is replaced by the momentum-smoothed estimate
+    for stability. Computed with masks instead of boolean indexing to avoid host syncs.
     """
     probs = logits_s.float().softmax(dim=1)
     w = mask.float().unsqueeze(1)
@@ -53,5 +59,5 @@ def freematch_fairness_loss(logits_s: torch.Tensor, mask: torch.Tensor, p_model:
     inv = lambda h: torch.where(h > 0, 1.0 / h.clamp_min(1e-12), torch.zeros_like(h))  # noqa: E731
     target = _sum_norm(p_model.float() * inv(label_hist.float())).detach()
     batch = _sum_norm(pbar * inv(hbar).detach())
-    loss = -(target * (batch + 1e-12).log()).sum()
+    loss = (target * (batch + 1e-12).log()).sum()  # published sign (eq. 11), see docstring
     return torch.where(mask.sum() > 0, loss, torch.zeros_like(loss))

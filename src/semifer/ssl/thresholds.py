@@ -6,7 +6,8 @@ all DDP ranks (per-batch statistics are all-reduced or all-gathered before they
 touch a buffer). Updates are a few tensor ops on the batch and O(C) work on
 the class vector: no loop over the unlabeled set, no ``.item()``, no host sync.
 
-Contract: ``update(probs, index)`` then ``mask(probs) -> (mask, pseudo_labels)``;
+Contract: ``update(probs, index)`` and ``mask(probs) -> (mask, pseudo_labels)``, in the order
+given by the policy's ``update_before_mask``;
 ``thresholds()`` gives the current per-class threshold vector for logging.
 The formulas are written out in docs/method.md.
 """
@@ -20,7 +21,13 @@ from semifer.registry import THRESHOLDS
 
 
 class ThresholdPolicy(nn.Module):
-    """Base class: a per-class threshold vector applied to the teacher's argmax class."""
+    """Base class: a per-class threshold vector applied to the teacher's argmax class.
+
+    ``update_before_mask``: whether a step absorbs the batch before masking it (FixMatch,
+    FreeMatch, as in USB) or masks with the previous step's state first (FlexMatch, DTM).
+    """
+
+    update_before_mask = True
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -88,15 +95,28 @@ class LearningStatus(nn.Module):
             self.register_buffer("pred_status", status.clone())
 
     @staticmethod
-    def _move(values: torch.Tensor, hist: torch.Tensor, index: torch.Tensor, new: torch.Tensor) -> None:
-        """Set ``values[index] = new`` and move each sample's unit in ``hist`` (slot = value + 1)."""
+    def _move(values: torch.Tensor, hist: torch.Tensor, index: torch.Tensor, new: torch.Tensor,
+              write: torch.Tensor | None = None) -> None:
+        """``values[index] = new`` where ``write`` (default: everywhere), in batch order, and the histogram moved with it.
+
+        ``hist`` counts ``values`` (slot = value + 1). A batch may repeat an index (the step
+        sampler tiles a set smaller than one global batch), so the result must be that of
+        sequential assignment: per index, the last writing occurrence wins, and only that one
+        moves a unit in ``hist``. Found with one sort of B keys and a binary search, all
+        fixed-size tensors: O(B log B), no host sync, deterministic.
+        """
+        b = index.numel()
+        pos = torch.arange(b, device=index.device)
+        writer = pos if write is None else torch.where(write, pos, torch.full_like(pos, -1))
+        # key orders by index, then by writing position (-1 = does not write) within an index
+        key, _ = torch.sort(index * (b + 1) + (writer + 1))
+        last = torch.searchsorted(torch.div(key, b + 1, rounding_mode="floor"), index, right=True) - 1
+        winner = key[last] % (b + 1) - 1          # batch position of this index's last writer, -1 if none
         old = values[index]
-        values[index] = new
-        one = torch.ones_like(old)
-        # Indices in one (global) batch are distinct (the sampler guarantees it), so the
-        # histogram can be moved sample by sample without recounting N.
-        hist.scatter_add_(0, old + 1, -one)
-        hist.scatter_add_(0, new + 1, one)
+        values[index] = torch.where(winner >= 0, new[winner.clamp_min(0)], old)  # equal for all copies
+        step = (winner == pos).to(hist.dtype)      # one unit per written index
+        hist.scatter_add_(0, old + 1, -step)
+        hist.scatter_add_(0, new + 1, step)
 
     def _ema(self, buf: torch.Tensor, slots: torch.Tensor) -> None:
         frac = torch.zeros_like(buf).scatter_add_(0, slots, torch.ones_like(slots, dtype=buf.dtype))
@@ -113,7 +133,7 @@ class LearningStatus(nn.Module):
             index = dist.all_gather_cat(index.to(self.selected.device))
             pred = dist.all_gather_cat(pred)
             confident = dist.all_gather_cat(confident)
-            self._move(self.selected, self.counts, index, torch.where(confident, pred, self.selected[index]))
+            self._move(self.selected, self.counts, index, pred, write=confident)
             self._move(self.last_pred, self.pred_counts, index, pred)
         else:
             self._ema(self.status, torch.where(confident, pred + 1, torch.zeros_like(pred)))
@@ -160,7 +180,13 @@ def convex_map(beta: torch.Tensor) -> torch.Tensor:
 
 @THRESHOLDS.register("flexmatch")
 class FlexMatchThreshold(ThresholdPolicy):
-    """FlexMatch curriculum thresholds: tau_t(c) = tau * M(beta_t(c))."""
+    """FlexMatch curriculum thresholds: tau_t(c) = tau * M(beta_t(c)).
+
+    As USB's FlexMatchThresholdingHook, a step masks with the previous step's status, then
+    updates it with the batch.
+    """
+
+    update_before_mask = False
 
     def __init__(self, num_classes: int, tau: float = 0.95, mode: str = "indexed",
                  num_samples: int | None = None, momentum: float = 0.999, warmup: bool = True) -> None:
