@@ -6,7 +6,7 @@ import semifer
 from semifer.engine.checkpoint import load_checkpoint
 from semifer.engine.guard import NonFiniteGuard, NonFiniteTrainingError
 from semifer.engine.runlog import read_metrics
-from semifer.ssl.algorithms import DTM
+from semifer.ssl.dtm_online import DTM
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.faults

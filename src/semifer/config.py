@@ -91,6 +91,21 @@ class SSLConfig:
     adaptive_margin: float = 0.0
     warmup_steps: int = 0           # supervised-only stage before thresholds are active
     ramp_steps: int = 0             # linear ramp of lambda_u after the warm-up
+    # DTM (dtm, dtm_rounds): per-class thresholds holding each class's accepted pseudo-labels at
+    # an estimated precision (docs/method.md). The estimate uses probabilities calibrated on a
+    # held-out, class-stratified slice of the labeled set (kept out of training).
+    holdout_fraction: float = 0.1
+    target_precision: float = 0.8   # pi: estimated precision each class's accepted set must reach
+    precision_floor: float = 0.5    # no pseudo-label below this calibrated confidence
+    hist_bins: int = 100            # bins of the per-class confidence histogram
+    hist_momentum: float = 0.99     # EMA momentum of the histogram (online dtm)
+    calib_every: int = 500          # online dtm: re-fit the calibration every N steps
+    label_flip: bool = True         # teacher labels = mean of the face's and its mirror image's logits
+    # dtm_rounds: stage 0 = warmup_steps supervised, then `rounds` equal rounds; each round's
+    # teacher labels the unlabeled set once
+    rounds: int = 3
+    pseudo_targets: Literal["hard", "soft"] = "hard"
+    pseudo_sampling: Literal["class_balanced", "uniform"] = "class_balanced"
     # FreeMatch only
     freematch_momentum: float = 0.999
     # Weight of FreeMatch's self-adaptive fairness loss (sign as published, ssl/losses.py); 0.001 is

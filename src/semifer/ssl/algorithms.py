@@ -28,6 +28,8 @@ class Algorithm(nn.Module):
     """Base: supervised loss on the labeled batch only."""
 
     uses_unlabeled = False
+    uses_holdout = False                  # needs a held-out slice of the labeled set (ssl.holdout_fraction)
+    unlabeled_views = ("weak", "strong")  # which augmented views of the unlabeled batch a step reads
 
     def __init__(self, cfg: SSLConfig, num_classes: int, labeled_counts: torch.Tensor,
                  num_unlabeled: int | None = None, imbalance: str = "none") -> None:
@@ -44,6 +46,16 @@ class Algorithm(nn.Module):
 
     def wants_unlabeled(self, step: int) -> bool:
         return self.uses_unlabeled and self.unlabeled_weight(step) > 0
+
+    def bind(self, unlabeled=None, holdout=None) -> None:
+        """Receive the in-memory unlabeled set and the held-out labeled slice (data, not state)."""
+
+    def before_step(self, step: int, ctx) -> None:
+        """Work outside the step (relabel, recalibrate) with the teacher in eval mode; ``ctx``: StepContext."""
+
+    def unlabeled_indices(self, step: int, gen: torch.Generator, global_batch: int) -> torch.Tensor | None:
+        """Dataset indices of the global unlabeled batch, or None for the source's own sampler."""
+        return None
 
     def labeled_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return supervised_loss(logits, y, self.labeled_counts, self.imbalance)
@@ -167,9 +179,11 @@ class FreeMatch(PseudoLabelAlgorithm):
         return self.cfg.fairness_weight * freematch_fairness_loss(logits_us, mask, p.p_model, p.label_hist)
 
 
-@ALGORITHMS.register("dtm")
-class DTM(PseudoLabelAlgorithm):
-    """Dynamic threshold module (reconstruction of Yu et al., ABAW5 2023; docs/method.md).
+@ALGORITHMS.register("dtm_flex")
+class DTMFlex(PseudoLabelAlgorithm):
+    """The first DTM reconstruction (sessions 1-3): FlexMatch status clipped to [tau_min, tau_max].
+
+    Kept as a named, measured variant; the registered ``dtm`` is semifer.ssl.dtm_online.
 
     Stage schedule: steps < warmup_steps are supervised only (the unlabeled batch is
     not even drawn); then lambda_u ramps linearly over ramp_steps while class-wise
@@ -182,7 +196,7 @@ class DTM(PseudoLabelAlgorithm):
 
     def make_policy(self, cfg: SSLConfig, num_classes: int, num_unlabeled: int | None) -> ThresholdPolicy:
         mode = resolve_status_mode(cfg.status_mode, num_unlabeled is not None)
-        return THRESHOLDS.get("dtm")(num_classes, tau=cfg.tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
+        return THRESHOLDS.get("dtm_flex")(num_classes, tau=cfg.tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
                                      mode=mode, num_samples=num_unlabeled, momentum=cfg.status_momentum,
                                      warmup=cfg.threshold_warmup, prior_correction=cfg.prior_correction,
                                      class_quantile=cfg.class_quantile, quantile_floor=cfg.quantile_floor,

@@ -203,7 +203,7 @@ class FlexMatchThreshold(ThresholdPolicy):
         return self.tau * convex_map(self.status.beta(self.warmup))
 
 
-@THRESHOLDS.register("dtm")
+@THRESHOLDS.register("dtm_flex")
 class DynamicThreshold(FlexMatchThreshold):
     """DTM (reconstruction): class- and stage-dependent thresholds kept in [tau_min, tau_max].
 

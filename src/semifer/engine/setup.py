@@ -1,0 +1,224 @@
+"""Everything a training run needs before its first step: data, model, teacher, algorithm, optimizer.
+
+:func:`build_run` assembles a :class:`Run` from the config; :func:`resume` (one function, as
+in DINO) loads the run directory's last checkpoint into it. The loop (engine/loop.py) then
+only steps; nothing here knows about steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from semifer import dist
+from semifer.config import TrainConfig
+from semifer.data.formats import load_source
+from semifer.data.imageset import ImageSet, InMemorySource
+from semifer.data.splits import save_split, stratified_subset
+from semifer.engine.checkpoint import load_checkpoint
+from semifer.engine.ema import ModelEMA
+from semifer.engine.guard import NonFiniteGuard
+from semifer.engine.optim import make_optimizer, set_fused
+from semifer.labels import NUM_CLASSES
+from semifer.models import build_model
+from semifer.registry import ALGORITHMS
+from semifer.ssl import Algorithm, build_algorithm
+
+LAST = "checkpoints/last.pt"
+BEST = "checkpoints/best.pt"
+
+
+@dataclass
+class Run:
+    """The built pieces of one training run (no step state)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    amp: torch.dtype | None
+    labeled: ImageSet
+    val: ImageSet
+    holdout: ImageSet | None            # DTM's calibration slice, carved off the labeled set
+    unlabeled: ImageSet | None          # in-memory unlabeled set (None: streamed or not used)
+    unl_src: object | None              # batch source of the unlabeled faces
+    num_unlabeled: int | None
+    lab_src: InMemorySource
+    model: nn.Module
+    ema: ModelEMA
+    algo: Algorithm
+    opt: torch.optim.Optimizer
+    fused: bool
+    pretrained: object | None = None
+
+    @property
+    def skipped(self) -> dict:
+        return {s.name: s.skipped for s in (self.labeled, self.val, self.unlabeled) if s is not None and s.skipped}
+
+
+@dataclass
+class TrainState:
+    """What changes step by step and is restored on resume."""
+
+    step: int = 0
+    wall_s: float = 0.0
+    best: dict = field(default_factory=lambda: {"macro_f1": -1.0, "step": -1})
+    guard: NonFiniteGuard | None = None
+
+
+def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device, amp: torch.dtype | None) -> Run:
+    """Load the data sets and build model, EMA teacher, algorithm and optimizer for ``cfg``."""
+    rank, world = dist.rank(), dist.world_size()
+    pin = device.type == "cuda"  # pinned host batches: host->device copies run async (non_blocking)
+    C = NUM_CLASSES
+    labeled, rest = _split_labeled(_labeled(load_source(cfg.data.labeled, cfg.data)), cfg, run_dir)
+    labeled, holdout = _split_holdout(labeled, cfg, run_dir)
+    val = _labeled(load_source(cfg.data.val, cfg.data))
+    model = build_model(cfg.model, C, in_chans=cfg.data.channels).to(device)
+    if cfg.optim.channels_last is True or (cfg.optim.channels_last == "auto" and amp is not None):
+        model = model.to(memory_format=torch.channels_last)  # the EMA teacher copies it below
+    pretrained = None
+    if cfg.model.pretrained and not (run_dir / LAST).exists():  # a resumed run takes all weights from its checkpoint
+        from semifer.models.pretrained import load_pretrained
+        pretrained = load_pretrained(model.backbone, cfg.model.pretrained, cfg.model.pretrained_strict,
+                                     cfg.model.backbone)
+        if dist.is_main():
+            print(f"semifer: pretrained: {pretrained.summary()}")
+    ema = ModelEMA(model, cfg.ssl.ema_decay).to(device)
+    if cfg.optim.compile:
+        # In place: state_dict keys, checkpoints and the EMA's weight averaging are unchanged.
+        model.compile()
+        ema.module.compile()
+    unlabeled, unl_src, num_unlabeled = None, None, None
+    if _algorithm_uses_unlabeled(cfg.ssl.algorithm):
+        unlabeled, unl_src, num_unlabeled = _unlabeled_source(cfg, rest, rank, world, pin)
+    algo = build_algorithm(cfg.ssl, C, labeled.class_counts(C), num_unlabeled=num_unlabeled,
+                           imbalance=cfg.optim.imbalance).to(device)
+    algo.bind(unlabeled=unlabeled, holdout=holdout)
+    fused = device.type == "cuda"  # fused optimizer kernels on CUDA; CPU keeps its (bit-exact) default
+    opt = make_optimizer(cfg.optim, model, fused=fused)
+    lab_src = InMemorySource(labeled, cfg.optim.batch_size, cfg.run.seed, rank, world, stream=1, pin_memory=pin)
+    return Run(cfg, run_dir, device, amp, labeled, val, holdout, unlabeled, unl_src, num_unlabeled, lab_src,
+               model, ema, algo, opt, fused, pretrained)
+
+
+def resume(run: Run) -> TrainState:
+    """Load ``RUN/checkpoints/last.pt`` (if any) into ``run``'s modules; return the step state."""
+    state = TrainState(guard=NonFiniteGuard(run.cfg.optim.max_nonfinite_steps))
+    last_path = run.run_dir / LAST
+    if dist.is_main():
+        # A process killed inside atomic_save leaves its partial temp file; the real files are intact.
+        for stale in sorted(last_path.parent.glob(".*.tmp")) if last_path.parent.exists() else []:
+            print(f"semifer: removing {stale.name}, a checkpoint write interrupted by a kill")
+            stale.unlink()
+    if last_path.exists():
+        ck = load_checkpoint(last_path, map_location=run.device)
+        run.model.load_state_dict(ck["model"])
+        run.ema.module.load_state_dict(ck["ema"])
+        run.algo.load_state_dict(ck["algorithm"])
+        run.opt.load_state_dict(ck["optimizer"])
+        set_fused(run.opt, run.fused)
+        state.step, state.wall_s, state.best = int(ck["step"]), float(ck["wall_s"]), dict(ck["best"])
+        state.guard.load_state_dict(ck.get("nonfinite", {}))
+    return state
+
+
+def _unlabeled_source(cfg: TrainConfig, rest: ImageSet | None, rank: int, world: int, pin: bool):
+    """(in-memory set or None, batch source, number of indexed samples or None)."""
+    streamed = [s for s in cfg.data.unlabeled if is_streamed_spec(s)]
+    if streamed:
+        # Face-recognition-scale sources: decoded in loader workers, never held in memory.
+        if len(streamed) != len(cfg.data.unlabeled) or (rest is not None and cfg.data.rest_as_unlabeled):
+            raise ValueError("streamed unlabeled sources (stream:/wds:/recordio:/list:) cannot be mixed with "
+                             "in-memory ones yet; use only streamed sources and data.rest_as_unlabeled: false")
+        from semifer.data.unlabeled import MixedSource, StreamingBatchSource, open_unlabeled
+        srcs = [open_unlabeled(s) for s in streamed]
+        weights = cfg.data.unlabeled_weights or [1.0] * len(srcs)
+        if len(weights) != len(srcs) or min(weights) <= 0:
+            raise ValueError(f"data.unlabeled_weights needs one positive weight per unlabeled source, got {weights}")
+        src = srcs[0] if len(srcs) == 1 else MixedSource(list(zip(srcs, weights)))
+        unl_src = StreamingBatchSource(src, cfg.optim.batch_size * cfg.ssl.mu, cfg.data.image_size,
+                                       cfg.data.channels, cfg.run.seed, rank, world,
+                                       num_workers=cfg.data.num_workers, stream=2, pin_memory=pin)
+        return None, unl_src, (len(unl_src) if unl_src.has_index else None)
+    if cfg.data.unlabeled_weights:
+        raise ValueError("data.unlabeled_weights applies to streamed sources; in-memory sets are "
+                         "concatenated and sampled uniformly")
+    sets = [load_source(s, cfg.data) for s in cfg.data.unlabeled]
+    if rest is not None and cfg.data.rest_as_unlabeled:
+        sets.append(rest)
+    if not sets:
+        raise ValueError(f"{cfg.ssl.algorithm} needs unlabeled data: set data.unlabeled")
+    unlabeled = _concat(sets, "unlabeled")
+    unl_src = InMemorySource(unlabeled, cfg.optim.batch_size * cfg.ssl.mu, cfg.run.seed, rank, world, stream=2,
+                             pin_memory=pin)
+    return unlabeled, unl_src, len(unlabeled)
+
+
+def _concat(sets: list[ImageSet], name: str) -> ImageSet:
+    if len(sets) == 1:
+        return sets[0]
+    tl = None
+    if any(s.true_labels is not None for s in sets):
+        # Hidden truth where a source has it (e.g. the labeled set's held-out rest), -1 elsewhere.
+        tl = torch.cat([s.true_labels if s.true_labels is not None else torch.full((len(s),), -1, dtype=torch.long)
+                        for s in sets])
+    skipped: dict[str, int] = {}
+    for s in sets:
+        for reason, n in s.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), tl, name=name,
+                    skipped=skipped)
+
+
+def _labeled(data: ImageSet) -> ImageSet:
+    if (data.labels < 0).any():
+        raise ValueError(f"{data.name}: a labeled/val set holds unlabeled samples (label -1)")
+    return data
+
+
+def _split_labeled(data: ImageSet, cfg: TrainConfig, run_dir: Path) -> tuple[ImageSet, ImageSet | None]:
+    """Apply data.labeled_fraction / labeled_per_class; the rest keeps its labels only as hidden truth."""
+    d = cfg.data
+    if d.labeled_fraction <= 0 and d.labeled_per_class <= 0:
+        return data, None
+    chosen, rest = stratified_subset(data.labels, fraction=d.labeled_fraction, per_class=d.labeled_per_class,
+                                     seed=d.split_seed)
+    if dist.is_main():
+        save_split(run_dir / "split.json", chosen, rest,
+                   {"source": d.labeled, "fraction": d.labeled_fraction, "per_class": d.labeled_per_class,
+                    "seed": d.split_seed, "num_samples": len(data)})
+    lab = ImageSet(data.images[chosen], data.labels[chosen], name=f"{data.name} (labeled split)", skipped=data.skipped)
+    unl = ImageSet(data.images[rest], torch.full((len(rest),), -1, dtype=torch.long), data.labels[rest],
+                   name=f"{data.name} (rest, unlabeled)")
+    return lab, unl
+
+
+def _split_holdout(labeled: ImageSet, cfg: TrainConfig, run_dir: Path) -> tuple[ImageSet, ImageSet | None]:
+    """Carve DTM's held-out calibration slice (class-stratified, ssl.holdout_fraction) off the labeled set."""
+    f = cfg.ssl.holdout_fraction
+    if not getattr(ALGORITHMS.get(cfg.ssl.algorithm), "uses_holdout", False) or f <= 0:
+        return labeled, None
+    held, kept = stratified_subset(labeled.labels, fraction=f, seed=cfg.data.split_seed + 1)
+    if len(kept) == 0:
+        raise ValueError(f"{labeled.name}: ssl.holdout_fraction {f} leaves no labeled images to train on")
+    if dist.is_main():
+        save_split(run_dir / "holdout.json", held, kept,
+                   {"what": "indices into the labeled set: 'labeled' = DTM's held-out calibration slice, "
+                            "'rest' = trained on", "fraction": f, "seed": cfg.data.split_seed + 1})
+    return (ImageSet(labeled.images[kept], labeled.labels[kept], name=labeled.name, skipped=labeled.skipped),
+            ImageSet(labeled.images[held], labeled.labels[held], name=f"{labeled.name} (held out for DTM)"))
+
+
+
+def is_streamed_spec(spec: str) -> bool:
+    """Unlabeled specs read by :mod:`semifer.data.unlabeled` instead of decoded into memory."""
+    from semifer.registry import FORMATS, UNLABELED_SOURCES
+
+    kind = spec.split(":", 1)[0]
+    return kind == "stream" or (kind in UNLABELED_SOURCES and kind not in FORMATS)
+
+
+def _algorithm_uses_unlabeled(name: str) -> bool:
+    return bool(ALGORITHMS.get(name).uses_unlabeled)

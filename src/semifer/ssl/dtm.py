@@ -1,0 +1,184 @@
+"""DTM: per-class thresholds that hold each class's accepted pseudo-labels at a target precision.
+
+The teacher's probabilities are first *calibrated* on a small held-out slice of the
+labeled set (a temperature and a per-class logit bias, fitted by NLL with the EMA
+teacher; re-fitted at every stage). Calibrated confidences q estimate the chance that a
+pseudo-label is right, so the mean q of the faces a threshold accepts estimates the
+*precision* of that class's accepted set. For each class c the threshold is the lowest
+confidence at which that estimate still reaches the target precision pi (and never below
+a floor: a pseudo-label must be more likely right than wrong):
+
+    tau_t(c) = max(floor, min{ t : mean(q_i | pred_i = c, q_i >= t) >= pi })
+
+and a class whose best faces cannot reach pi is closed (tau = 1). As the teacher learns a
+class, its confident mass grows and its threshold falls; a class the teacher cannot yet
+tell apart stays closed until it can. docs/method.md has the derivation and evidence.
+
+Everything is in buffers (calibration, a per-class histogram of calibrated confidences,
+the thresholds), so it checkpoints, moves devices and agrees across DDP ranks (batch
+histograms are all-reduced; every rank fits the calibration on the same held-out logits).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from semifer import dist
+from semifer.registry import THRESHOLDS
+from semifer.ssl.thresholds import ThresholdPolicy
+
+
+def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = 0.01,
+                    iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature T and per-class bias b minimising NLL of softmax(logits / T + b) on (logits, labels).
+
+    ``l2`` pulls b toward 0, so a class with a handful of held-out faces keeps a bias near
+    0 instead of one fitted to noise. Runs on the CPU in float64 (C + 1 parameters).
+    """
+    z = logits.detach().double().cpu()
+    y = labels.detach().long().cpu()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    if z.shape[0] == 0:
+        return torch.ones(1), torch.zeros(num_classes)
+    opt = torch.optim.LBFGS([log_t, bias], lr=0.5, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(z / log_t.exp() + bias, y) + l2 * (bias ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = log_t.detach().exp().clamp(0.05, 20.0)
+    return t.float(), bias.detach().float()
+
+
+def tail_thresholds(count: torch.Tensor, conf_sum: torch.Tensor, target: float, floor: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class thresholds from (C, K) histograms of calibrated confidence (counts and sums of q).
+
+    Returns (thresholds (C,), estimated precision of each class's accepted set (C,),
+    share of all samples each class accepts (C,)). Bin k covers [k/K, (k+1)/K); a
+    threshold is a bin's lower edge. Closed classes get threshold 1 and precision 0.
+    """
+    C, K = count.shape
+    edges = torch.arange(K, dtype=count.dtype, device=count.device) / K
+    n_tail = count.flip(1).cumsum(1).flip(1)            # samples with q >= edge k
+    s_tail = conf_sum.flip(1).cumsum(1).flip(1)
+    prec = s_tail / n_tail.clamp_min(1e-12)
+    ok = (prec >= target) & (n_tail > 0) & (edges >= floor - 1e-9)
+    # Lowest qualifying bin per class (K where none qualifies).
+    idx = torch.where(ok, torch.arange(K, device=count.device).expand(C, K), torch.full_like(ok, K, dtype=torch.long))
+    first = idx.min(dim=1).values
+    open_ = first < K
+    safe = first.clamp(max=K - 1)
+    thr = torch.where(open_, edges[safe], torch.ones_like(edges[safe]))
+    est = torch.where(open_, prec.gather(1, safe[:, None]).squeeze(1), torch.zeros_like(thr))
+    share = torch.where(open_, n_tail.gather(1, safe[:, None]).squeeze(1), torch.zeros_like(thr))
+    total = count.sum().clamp_min(1e-12)
+    return thr, est, share / total
+
+
+@THRESHOLDS.register("dtm")
+class PrecisionThreshold(ThresholdPolicy):
+    """DTM's policy: calibrated confidences and per-class precision-target thresholds.
+
+    ``update(probs)`` folds a batch of teacher probabilities into an EMA (momentum ``m``)
+    of the joint histogram of (calibrated class, calibrated confidence); ``set_histogram``
+    replaces it with a whole pass over the unlabeled set (rounds). ``calibrate`` fits the
+    temperature and biases on held-out teacher logits. Thresholds follow from the
+    histogram at every update (O(C K) work).
+    """
+
+    update_before_mask = True
+
+    def __init__(self, num_classes: int, target: float = 0.8, floor: float = 0.5, bins: int = 100,
+                 momentum: float = 0.99) -> None:
+        super().__init__(num_classes)
+        if not 0.0 < target <= 1.0 or not 0.0 <= floor < 1.0:
+            raise ValueError(f"need 0 < target precision <= 1 and 0 <= floor < 1, got {target}, {floor}")
+        self.target, self.floor, self.bins, self.momentum = float(target), float(floor), int(bins), float(momentum)
+        self.register_buffer("temperature", torch.ones(1))
+        self.register_buffer("bias", torch.zeros(num_classes))
+        self.register_buffer("count", torch.zeros(num_classes, bins))
+        self.register_buffer("conf_sum", torch.zeros(num_classes, bins))
+        self.register_buffer("thr", torch.ones(num_classes))             # closed until the first histogram
+        self.register_buffer("est_precision", torch.zeros(num_classes))
+        self.register_buffer("accept_share", torch.zeros(num_classes))
+        # -1 = no held-out face accepted for the class (not NaN: buffers must compare equal on resume)
+        self.register_buffer("holdout_precision", torch.full((num_classes,), -1.0))
+        self.register_buffer("calibrations", torch.zeros((), dtype=torch.long))
+
+    # -- calibration -------------------------------------------------------------------
+    def calibrated(self, probs: torch.Tensor) -> torch.Tensor:
+        """softmax(log p / T + b): the teacher's probabilities after calibration."""
+        logp = probs.float().clamp_min(1e-12).log()
+        return (logp / self.temperature + self.bias).softmax(dim=1)
+
+    @torch.no_grad()
+    def calibrate(self, holdout_logits: torch.Tensor, holdout_labels: torch.Tensor) -> None:
+        """Fit T and b on the held-out slice; record each class's held-out precision at its threshold."""
+        t, b = fit_calibration(holdout_logits, holdout_labels, self.num_classes)
+        self.temperature.copy_(t.to(self.temperature.device))
+        self.bias.copy_(b.to(self.bias.device))
+        self.calibrations += 1
+        self._holdout = (holdout_logits.detach().float().cpu(), holdout_labels.detach().long().cpu())
+        self._refresh_holdout()
+
+    def _refresh_holdout(self) -> None:
+        held = getattr(self, "_holdout", None)
+        if held is None:
+            return
+        q = self.calibrated(held[0].softmax(1).to(self.bias.device))
+        conf, pred = q.max(1)
+        acc = conf >= self.thr[pred]
+        right = (pred.cpu() == held[1]).float()
+        for c in range(self.num_classes):
+            sel = acc.cpu() & (pred.cpu() == c)
+            self.holdout_precision[c] = right[sel].mean() if sel.any() else -1.0
+
+    # -- histogram and thresholds ----------------------------------------------------------
+    def _histogram(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        conf, pred = q.max(dim=1)
+        b = (conf * self.bins).long().clamp_(0, self.bins - 1)
+        flat = pred * self.bins + b
+        n = torch.zeros(self.num_classes * self.bins, device=q.device).scatter_add_(0, flat, torch.ones_like(conf))
+        s = torch.zeros(self.num_classes * self.bins, device=q.device).scatter_add_(0, flat, conf)
+        return n.view(self.num_classes, self.bins), s.view(self.num_classes, self.bins)
+
+    def refresh(self) -> None:
+        thr, est, share = tail_thresholds(self.count, self.conf_sum, self.target, self.floor)
+        self.thr.copy_(thr)
+        self.est_precision.copy_(est)
+        self.accept_share.copy_(share)
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        q = self.calibrated(probs.detach())
+        n, s = self._histogram(q)
+        stats = dist.all_reduce_sum(torch.stack([n, s]))
+        total = stats[0].sum().clamp_min(1.0)
+        m = self.momentum
+        self.count.mul_(m).add_(stats[0] / total, alpha=1 - m)
+        self.conf_sum.mul_(m).add_(stats[1] / total, alpha=1 - m)
+        self.refresh()
+
+    @torch.no_grad()
+    def set_histogram(self, q: torch.Tensor) -> None:
+        """Replace the histogram with calibrated probabilities ``q`` of a whole unlabeled pass."""
+        n, s = self._histogram(q.float())
+        total = n.sum().clamp_min(1.0)
+        self.count.copy_(n / total)
+        self.conf_sum.copy_(s / total)
+        self.refresh()
+        self._refresh_holdout()
+
+    def thresholds(self) -> torch.Tensor:
+        return self.thr
+
+    def mask(self, probs: torch.Tensor, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.calibrated(probs)
+        conf, pseudo = q.max(dim=1)
+        thr = self.thr[pseudo]
+        return ((conf >= thr) & (thr < 1.0)).to(probs.dtype), pseudo

@@ -1,0 +1,154 @@
+"""DTM in rounds: offline self-training at the cost of plain supervised training.
+
+Stage 0 (``ssl.warmup_steps``) is supervised. Then ``ssl.rounds`` rounds split the remaining
+steps evenly; at the start of each round the EMA teacher (the student of the round before)
+labels the whole in-memory unlabeled set once (mirror-averaged logits), DTM's calibration is
+re-fitted on the held-out labeled slice, and DTM's per-class precision-target thresholds
+decide which faces are accepted. Inside a round every step draws ``mu x batch`` accepted
+faces (class-balanced by default, so a rare class's few trusted faces are not drowned by
+happy ones), strongly augmented, next to the usual weak labeled batch:
+
+    loss = CE(labeled) + lambda_u * mean_i CE(student(strong(u_i)), target_i)
+
+with hard (argmax) or soft (calibrated probabilities) targets. No teacher forward and no
+second view per step, so a step costs what a supervised step on (1 + mu) x batch images
+costs. The labels of a round live in buffers (``targets``, ``accepted``, ``round``), so a
+run resumed mid-round continues with exactly the same pseudo-labels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semifer.config import SSLConfig
+from semifer.labels import ABAW_LABELS
+from semifer.registry import ALGORITHMS
+from semifer.ssl.algorithms import Algorithm, Logs
+from semifer.ssl.context import StepContext
+from semifer.ssl.dtm import PrecisionThreshold
+
+
+def round_of(step: int, warmup: int, total: int, rounds: int) -> int:
+    """Round index of ``step`` (-1 during the supervised stage 0)."""
+    if step < warmup or rounds <= 0:
+        return -1
+    length = max(1, (total - warmup) // rounds)
+    return min((step - warmup) // length, rounds - 1)
+
+
+@ALGORITHMS.register("dtm_rounds")
+class DTMRounds(Algorithm):
+    """Self-training in rounds with DTM thresholds (docs/method.md, "DTM in rounds")."""
+
+    uses_unlabeled = True
+    uses_holdout = True
+    unlabeled_views = ("strong",)
+
+    def __init__(self, cfg: SSLConfig, num_classes: int, labeled_counts: torch.Tensor,
+                 num_unlabeled: int | None = None, imbalance: str = "none") -> None:
+        super().__init__(cfg, num_classes, labeled_counts, num_unlabeled, imbalance)
+        if num_unlabeled is None:
+            raise ValueError("dtm_rounds labels an in-memory unlabeled set once per round; streamed sources "
+                             "(wds:/recordio:/list:/stream:) need the online 'dtm' or `semifer pseudolabel`")
+        if cfg.rounds < 1:
+            raise ValueError(f"ssl.rounds must be >= 1 for dtm_rounds, got {cfg.rounds}")
+        self.policy = PrecisionThreshold(num_classes, cfg.target_precision, cfg.precision_floor, cfg.hist_bins)
+        self.register_buffer("round", torch.full((), -1, dtype=torch.long))
+        self.register_buffer("targets", torch.zeros(num_unlabeled, num_classes, dtype=torch.float16))
+        self.register_buffer("accepted", torch.zeros(num_unlabeled, dtype=torch.bool))
+        self.register_buffer("pseudo", torch.full((num_unlabeled,), -1, dtype=torch.long))
+        self.unlabeled = None
+        self.holdout = None
+
+    def bind(self, unlabeled=None, holdout=None) -> None:
+        self.unlabeled, self.holdout = unlabeled, holdout
+
+    def unlabeled_weight(self, step: int) -> float:
+        return self.cfg.lambda_u if int(self.round) >= 0 and bool(self.accepted.any()) else 0.0
+
+    def wants_unlabeled(self, step: int) -> bool:
+        return self.unlabeled_weight(step) > 0
+
+    # -- the round boundary ------------------------------------------------------------------
+    @torch.no_grad()
+    def before_step(self, step: int, ctx: StepContext) -> None:
+        r = round_of(step, self.cfg.warmup_steps, ctx.total_steps, self.cfg.rounds)
+        if r < 0 or r == int(self.round):
+            return
+        if self.unlabeled is None or self.holdout is None:
+            raise RuntimeError("dtm_rounds needs bind(unlabeled=..., holdout=...) before training")
+        flip = self.cfg.label_flip
+        held = ctx.logits(self.holdout.images, flip=flip)
+        self.policy.calibrate(held, self.holdout.labels)
+        q = self.policy.calibrated(ctx.logits(self.unlabeled.images, flip=flip).softmax(1).to(self.targets.device))
+        self.policy.set_histogram(q)
+        conf, pred = q.max(1)
+        thr = self.policy.thresholds()
+        accepted = (conf >= thr[pred]) & (thr[pred] < 1.0)
+        if self.cfg.pseudo_targets == "soft":
+            targets = q
+        else:
+            targets = F.one_hot(pred, self.num_classes).float()
+        self.targets.copy_(targets.to(self.targets.dtype))
+        self.accepted.copy_(accepted)
+        self.pseudo.copy_(pred)
+        self.round.fill_(r)
+        ctx.log(self.round_record(step, r))
+
+    def round_record(self, step: int, r: int) -> dict:
+        """One ``kind: round`` record: per class threshold, accepted count, estimated and known precision."""
+        C = self.num_classes
+        acc, pred = self.accepted.cpu(), self.pseudo.cpu()
+        counts = torch.bincount(pred[acc], minlength=C)[:C]
+        rec = {"kind": "round", "step": step, "round": r, "accepted": int(acc.sum()), "unlabeled": int(acc.numel()),
+               "thresholds": self.policy.thresholds().tolist(), "accepted_per_class": counts.tolist(),
+               "est_precision": self.policy.est_precision.tolist(),
+               "holdout_precision": [None if v < 0 else v for v in self.policy.holdout_precision.tolist()],
+               "temperature": float(self.policy.temperature)}
+        truth = getattr(self.unlabeled, "true_labels", None)
+        if truth is not None:
+            known = acc & (truth >= 0)
+            right = known & (pred == truth)
+            nk = torch.bincount(pred[known], minlength=C)[:C].float()
+            nr = torch.bincount(pred[right], minlength=C)[:C].float()
+            rec["accepted_known"] = nk.long().tolist()
+            rec["accepted_accuracy"] = torch.where(nk > 0, nr / nk.clamp_min(1), torch.full_like(nk, float("nan"))).tolist()
+            rec["accepted_accuracy_all"] = float(nr.sum() / nk.sum().clamp_min(1))
+        rec["classes"] = list(ABAW_LABELS[:C])
+        return rec
+
+    # -- a step --------------------------------------------------------------------------
+    def unlabeled_indices(self, step: int, gen: torch.Generator, global_batch: int) -> torch.Tensor | None:
+        """The global batch of accepted faces for ``step`` (class-balanced or uniform over accepted)."""
+        if not self.wants_unlabeled(step):
+            return None
+        acc = self.accepted.cpu()
+        pred = self.pseudo.cpu()
+        if self.cfg.pseudo_sampling == "class_balanced":
+            per_class = torch.bincount(pred[acc], minlength=self.num_classes).float()
+            w = torch.where(acc, 1.0 / per_class.clamp_min(1.0)[pred.clamp_min(0)], torch.zeros(acc.shape))
+        else:
+            w = acc.float()
+        return torch.multinomial(w, global_batch, replacement=True, generator=gen)
+
+    def step(self, student: nn.Module, teacher: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, Logs]:
+        if "x_us" not in batch:
+            return super().step(student, teacher, batch, step)
+        x_l, y_l, x_us, idx = batch["x_l"], batch["y_l"], batch["x_us"], batch["idx_u"]
+        logits = student(torch.cat([x_l, x_us]))
+        logits_l, logits_u = logits[:x_l.shape[0]], logits[x_l.shape[0]:].float()
+        target = self.targets[idx].float()
+        loss_x = self.labeled_loss(logits_l, y_l)
+        loss_u = -(target * logits_u.log_softmax(1)).sum(1).mean()
+        lam = self.unlabeled_weight(step)
+        loss = loss_x + lam * loss_u
+        pseudo = self.pseudo[idx]
+        mix = torch.bincount(pseudo, minlength=self.num_classes)[:self.num_classes].float() / max(len(idx), 1)
+        logs: Logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
+                      "mask_rate": self.accepted.float().mean(), "lambda_u": torch.tensor(lam),
+                      "thresholds": self.policy.thresholds().detach().clone(), "pseudo_class_mix": mix}
+        if batch.get("y_u_true") is not None:
+            known = batch["y_u_true"] >= 0
+            logs["pseudo_acc"] = ((pseudo == batch["y_u_true"]) & known).float().sum() / known.float().sum().clamp_min(1)
+        return loss, logs
