@@ -39,7 +39,7 @@ def main() -> None:
         d[section].update(values)
     cfg = load_config(base=d)
     cfg.run.progress = False
-    row = bench.row(train(cfg))
+    row = bench.scores(train(cfg))
     (a.out / f"{a.name}.json").write_text(json.dumps({"name": a.name, "overrides": a.overrides, **row}, indent=1))
     print(json.dumps({"name": a.name, **{k: v for k, v in row.items() if k != "per_class_f1"}}))
 
