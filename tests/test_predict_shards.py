@@ -30,7 +30,7 @@ N_IMAGES = 23    # odd, so the shards differ in size
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """best.pt (weights) and last.pt (student, EMA and DTM state) of an untrained 1-channel 24 px model."""
+    """best.pt (weights) and last.pt (student, EMA and dtm_flex state) of an untrained 1-channel 24 px model."""
     from semifer.config import load_config, to_dict
     from semifer.engine.checkpoint import atomic_save
     from semifer.models import build_model
@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory):
     cfg = load_config(base={"data": {"image_size": 24, "channels": 1},
                             "model": {"backbone": "small_cnn", "backbone_args": {"width": 8}},
                             # thresholds inside the untrained model's confidence range (0.14-0.17)
-                            "ssl": {"algorithm": "dtm", "tau": 0.16, "tau_min": 0.15, "tau_max": 0.16,
+                            "ssl": {"algorithm": "dtm_flex", "tau": 0.16, "tau_min": 0.15, "tau_max": 0.16,
                                     "status_momentum": 0.5, "threshold_warmup": False, "prior_correction": False}})
     torch.manual_seed(0)
     model = build_model(cfg.model, len(ABAW_LABELS), in_chans=1)
@@ -229,6 +229,8 @@ def test_two_ranks_pseudolabel_equals_one_process_with_bad_samples_counted(runs,
 
 
 def test_pseudolabel_thresholds_from_the_checkpoint_and_shard_merge(run_dir, images, tmp_path, capsys):
+    import json
+
     from semifer.engine.checkpoint import load_checkpoint
     from semifer.infer.pseudolabel import class_thresholds
 
@@ -236,7 +238,7 @@ def test_pseudolabel_thresholds_from_the_checkpoint_and_shard_merge(run_dir, ima
     assert main(_pl_args(run_dir, specs, tmp_path / "all")) == 0
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     thr, where = class_thresholds("dtm", ckpt, run_dir / "checkpoints" / "last.pt")
-    assert thr.shape == (8,) and len(set(np.round(thr, 6))) > 1 and "dtm state of last.pt" in where
+    assert thr.shape == (8,) and len(set(np.round(thr, 6))) > 1 and "dtm_flex state of last.pt" in where
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt")     # weights only: last.pt beside it is used
     assert np.allclose(class_thresholds("dtm", best, run_dir / "checkpoints" / "best.pt")[0], thr)
     out = tmp_path / "t"
@@ -249,6 +251,8 @@ def test_pseudolabel_thresholds_from_the_checkpoint_and_shard_merge(run_dir, ima
     got = _read(out / "pseudolabels.csv")[1:]
     assert [r[:2] for r in got] == [r[:2] for r in kept]
     assert f"{len(all_rows) - len(kept)} below threshold" in capsys.readouterr().out
+    summary = json.loads((out / "pseudolabels.json").read_text())
+    assert summary["probabilities"] == "softmax" and summary["calibration"] is None  # dtm_flex: no calibration
     assert main(_pl_args(run_dir, specs, tmp_path / "u") + ["--threshold", "1.5"]) == 2
 
 
@@ -260,3 +264,87 @@ def test_load_model_takes_the_ema_teacher_of_a_training_state(run_dir):
     from_best, _, _ = load_model(run_dir / "checkpoints" / "best.pt")
     for (name, a), b in zip(from_last.state_dict().items(), from_best.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def _teacher_probs(checkpoint, specs, batch_size=4):
+    """(sample keys, softmax probabilities) of the checkpoint's teacher, batched as pseudolabel batches them."""
+    from semifer.data.decode import SkipCounter
+    from semifer.infer.pseudolabel import _batches, _items, _open, load_teacher
+    from semifer.infer.shards import Shard
+
+    model, cfg, *_ = load_teacher(checkpoint)
+    sources = [(spec, _open(spec, cfg)) for spec in specs]
+    names, probs = [], []
+    for _, _, keys, x in _batches(_items(sources, Shard(), SkipCounter()), cfg.data.image_size, batch_size,
+                                  cfg.data.channels, None, SkipCounter()):
+        with torch.inference_mode():
+            probs.append(torch.softmax(model(torch.from_numpy(x).float().div_(255.0)).float(), 1))
+        names += keys
+    return names, torch.cat(probs)
+
+
+def test_pseudolabel_with_a_dtm_checkpoint_writes_its_calibrated_mask(run_dir, images, tmp_path, capsys):
+    """The precision-target DTM thresholds calibrated probabilities: rows = policy.mask on the same probabilities."""
+    import json
+
+    from semifer.config import from_dict, TrainConfig, to_dict
+    from semifer.engine.checkpoint import atomic_save, load_checkpoint
+    from semifer.ssl import build_algorithm
+
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    cfg = from_dict(TrainConfig, last["config"])
+    cfg.ssl.algorithm = "dtm"
+    algo = build_algorithm(cfg.ssl, 8, torch.arange(1, 9), None)
+    pol = algo.policy
+    ckpt = tmp_path / "dtm_run" / "checkpoints" / "last.pt"
+    specs = [f"folder:{images}", _wds(tmp_path / "wds")]
+    atomic_save({**last, "config": to_dict(cfg), "algorithm": algo.state_dict()}, ckpt)
+    names, probs = _teacher_probs(ckpt, specs)
+    # The untrained teacher's probabilities lie in 0.14-0.16 and it predicts two classes: a sharp
+    # temperature spreads them and biases that centre each class's mean calibrated logit move the
+    # argmax, so calibrated labels spread over more classes and differ from the raw ones.
+    pol.temperature.fill_(0.02)
+    pol.bias.copy_(-(probs.log() / 0.02).mean(0))
+    q = pol.calibrated(probs)
+    conf, label = q.max(1)
+    assert (label != probs.argmax(1)).any()                   # the calibration changes some labels
+    # Thresholds by hand: halfway between the middle calibrated confidences of each predicted class
+    # (no sample on a threshold), the most predicted class closed (threshold 1: nothing of it is kept).
+    counts = torch.bincount(label, minlength=8)
+    thr = torch.ones(8)
+    for c in torch.nonzero(counts).flatten().tolist():
+        v = conf[label == c].sort().values
+        k = len(v) // 2
+        thr[c] = (v[k - 1] + v[k]) / 2 if k > 0 else v[0] - 1e-3
+    closed = int(counts.argmax())
+    thr[closed] = 1.0
+    pol.thr.copy_(thr)
+    atomic_save({**last, "config": to_dict(cfg), "algorithm": algo.state_dict()}, ckpt)
+    mask, pseudo = pol.mask(probs)
+    assert 0 < mask.sum() < len(mask) and torch.equal(pseudo, label)
+
+    out = tmp_path / "pl"
+    args = ["pseudolabel", "--checkpoint", str(ckpt), "--out", str(out), "--batch-size", "4", "--quiet",
+            "--threshold", "dtm"] + [a for s in specs for a in ("--unlabeled", s)]
+    assert main(args) == 0
+    assert "(calibrated probabilities)" in capsys.readouterr().out
+    rows = _read(out / "pseudolabels.csv")[1:]
+    kept = [i for i in range(len(names)) if mask[i]]
+    assert [r[1] for r in rows] == [names[i] for i in kept]   # exactly the rows the policy's mask accepts
+    for r, i in zip(rows, kept):
+        assert r[-2] == ABAW_LABELS[int(label[i])]             # the calibrated argmax
+        assert abs(float(r[-1]) - float(conf[i])) <= 1e-6      # its calibrated confidence
+        assert np.allclose([float(v) for v in r[2:10]], q[i].numpy(), atol=1e-6)
+    assert ABAW_LABELS[closed] not in {r[-2] for r in rows}
+    summary = json.loads((out / "pseudolabels.json").read_text())
+    assert summary["probabilities"] == "calibrated" and summary["below_threshold"] == len(names) - len(kept)
+    assert summary["calibration"]["temperature"] == pytest.approx(0.02)
+    assert summary["calibration"]["bias"] == pytest.approx(pol.bias.tolist(), abs=1e-5)
+    assert summary["thresholds"] == pytest.approx(thr.tolist(), abs=1e-6)
+    # Sharded jobs and their merge keep the calibration record.
+    sharded = tmp_path / "pl2"
+    for i in (0, 1):
+        assert main(args[:4] + [str(sharded)] + args[5:] + ["--shard", f"{i}/2"]) == 0
+    assert main(["pseudolabel", "--merge", str(sharded)]) == 0
+    assert_same_csv(out / "pseudolabels.csv", sharded / "pseudolabels.csv", [*ABAW_LABELS, "confidence"])
+    assert json.loads((sharded / "pseudolabels.json").read_text())["probabilities"] == "calibrated"

@@ -38,8 +38,8 @@ def test_soft_mask_gives_below_threshold_samples_weight_and_is_checkpointed():
     net = torch.nn.Linear(4, 8)
     batch = {"x_l": torch.randn(4, 4), "y_l": torch.tensor([0, 1, 4, 4]), "x_uw": torch.randn(32, 4),
              "x_us": torch.randn(32, 4), "idx_u": None}
-    hard = build_algorithm(SSLConfig(algorithm="dtm", status_mode="streamed"), 8, counts, None)
-    soft = build_algorithm(SSLConfig(algorithm="dtm", status_mode="streamed", soft_mask=True), 8, counts, None)
+    hard = build_algorithm(SSLConfig(algorithm="dtm_flex", status_mode="streamed"), 8, counts, None)
+    soft = build_algorithm(SSLConfig(algorithm="dtm_flex", status_mode="streamed", soft_mask=True), 8, counts, None)
     _, logs_h = hard.step(net, net, batch, 5)
     _, logs_s = soft.step(net, net, batch, 5)
     assert logs_h["mask_rate"] == 0  # an untrained net is never above tau_min 0.8
@@ -53,7 +53,7 @@ def test_adaptive_margin_changes_only_the_unlabeled_loss():
     net = torch.nn.Linear(4, 8)
     batch = {"x_l": torch.randn(4, 4), "y_l": torch.tensor([0, 1, 4, 4]), "x_uw": torch.randn(32, 4),
              "x_us": torch.randn(32, 4), "idx_u": None}
-    base = dict(algorithm="dtm", status_mode="streamed", soft_mask=True, distribution_alignment=True)
+    base = dict(algorithm="dtm_flex", status_mode="streamed", soft_mask=True, distribution_alignment=True)
     plain = build_algorithm(SSLConfig(**base), 8, counts, None)
     margin = build_algorithm(SSLConfig(**base, adaptive_margin=1.0), 8, counts, None)
     for a in (plain, margin):  # a skewed running prior, so log(pbar) is not constant

@@ -35,9 +35,25 @@ def test_training_on_a_split_saves_it_and_uses_the_rest_as_unlabeled(tiny_data, 
     res = semifer.train(cfg)
     split = json.loads((res.run_dir / "split.json").read_text())
     assert len(split["labeled"]) == 16 and len(split["rest"]) == 48 - 16
+    # DTM holds a class-stratified slice of the labeled split out for calibration (10 %, >= 1 per class).
+    held = json.loads((res.run_dir / "holdout.json").read_text())
+    assert len(held["labeled"]) == 8 and len(held["rest"]) == 8 and held["fraction"] == 0.1
+    assert sorted(held["labeled"] + held["rest"]) == list(range(16))
+    labels = torch.tensor(split["labeled"]) // 6  # the tiny labeled source is 6 faces per class, in class order
+    assert sorted(labels[held["labeled"]].tolist()) == list(range(8))
     info = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()
             if '"info"' in line][0]
-    assert info["labeled"] == 16 and info["unlabeled"] == 32
+    assert info["labeled"] == 8 and info["unlabeled"] == 32
+
+
+def test_algorithms_without_a_holdout_train_on_the_whole_labeled_split(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "r", algorithm="dtm_flex", steps=1,
+                      data={"labeled_per_class": 2, "unlabeled": []})
+    res = semifer.train(cfg)
+    assert not (res.run_dir / "holdout.json").exists()
+    info = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"info"' in line][0]
+    assert info["labeled"] == 16
 
 
 def test_pseudo_label_accuracy_uses_the_known_part_of_a_mixed_unlabeled_set(tiny_data, tmp_path):

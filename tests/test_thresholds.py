@@ -41,8 +41,8 @@ def test_indexed_status_bookkeeping_and_flexmatch_thresholds():
     assert st.counts.tolist() == torch.bincount(st.selected + 1, minlength=4).tolist()
 
 
-def test_dtm_clips_thresholds_into_range():
-    pol = THRESHOLDS.get("dtm")(3, tau=0.9, tau_min=0.5, tau_max=0.85, mode="indexed", num_samples=6, warmup=True,
+def test_dtm_flex_clips_thresholds_into_range():
+    pol = THRESHOLDS.get("dtm_flex")(3, tau=0.9, tau_min=0.5, tau_max=0.85, mode="indexed", num_samples=6, warmup=True,
                                 prior_correction=False)
     assert torch.allclose(pol.thresholds(), torch.full((3,), 0.5))  # nothing learned yet: the floor
     pol.update(one_hot_probs([0, 1, 2], [0.95, 0.95, 0.5]), torch.tensor([0, 1, 2]))
@@ -54,7 +54,7 @@ def test_dtm_clips_thresholds_into_range():
 
 
 def test_streamed_status_is_an_ema_of_batch_fractions():
-    pol = THRESHOLDS.get("dtm")(3, tau=0.9, tau_min=0.0, tau_max=1.0, mode="streamed", momentum=0.5,
+    pol = THRESHOLDS.get("dtm_flex")(3, tau=0.9, tau_min=0.0, tau_max=1.0, mode="streamed", momentum=0.5,
                                 prior_correction=False)
     pol.update(one_hot_probs([0, 0, 2, 1], [0.95, 0.95, 0.5, 0.95]))
     # fractions [unused, c0, c1, c2] = [1/4, 2/4, 1/4, 0]; status = 0.5*[1,0,0,0] + 0.5*frac
@@ -70,8 +70,8 @@ def test_streamed_status_is_an_ema_of_batch_fractions():
 
 def test_prior_correction_makes_status_independent_of_class_frequency():
     kw = dict(tau=0.9, tau_min=0.0, tau_max=1.0, mode="indexed", num_samples=6)
-    plain = THRESHOLDS.get("dtm")(3, prior_correction=False, **kw)
-    corrected = THRESHOLDS.get("dtm")(3, prior_correction=True, **kw)
+    plain = THRESHOLDS.get("dtm_flex")(3, prior_correction=False, **kw)
+    corrected = THRESHOLDS.get("dtm_flex")(3, prior_correction=True, **kw)
     for pol in (plain, corrected):
         pol.update(one_hot_probs([0, 1, 2], [0.95, 0.95, 0.5]), torch.tensor([0, 1, 2]))
         pol.update(one_hot_probs([0, 0], [0.5, 0.5]), torch.tensor([3, 4]))  # more class-0 faces, unconfident
@@ -105,9 +105,9 @@ def test_freematch_self_adaptive_thresholds():
     assert mask.tolist() == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("name", ["flexmatch", "dtm", "freematch"])
+@pytest.mark.parametrize("name", ["flexmatch", "dtm_flex", "freematch", "dtm"])
 def test_policy_state_round_trips_through_state_dict(name):
-    kw = {"num_samples": 5, "mode": "indexed"} if name != "freematch" else {}
+    kw = {"num_samples": 5, "mode": "indexed"} if name in ("flexmatch", "dtm_flex") else {}
     a, b = THRESHOLDS.get(name)(3, **kw), THRESHOLDS.get(name)(3, **kw)
     probs = one_hot_probs([0, 1, 1], [0.99, 0.98, 0.97])
     a.update(probs, torch.tensor([0, 1, 2]))
@@ -116,22 +116,24 @@ def test_policy_state_round_trips_through_state_dict(name):
     assert torch.allclose(a.thresholds(), b.thresholds())
 
 
-def test_dtm_stage_schedule():
-    cfg = SSLConfig(algorithm="dtm", lambda_u=2.0, warmup_steps=10, ramp_steps=10)
-    algo = ALGORITHMS.get("dtm")(cfg, 3, torch.tensor([1, 1, 1]), num_unlabeled=None)
+@pytest.mark.parametrize("name", ["dtm_flex", "dtm"])
+def test_dtm_stage_schedule(name):
+    cfg = SSLConfig(algorithm=name, lambda_u=2.0, warmup_steps=10, ramp_steps=10)
+    algo = ALGORITHMS.get(name)(cfg, 3, torch.tensor([1, 1, 1]), num_unlabeled=None)
     assert algo.unlabeled_weight(0) == 0.0 and algo.unlabeled_weight(9) == 0.0
     assert not algo.wants_unlabeled(9) and algo.wants_unlabeled(10)
     assert algo.unlabeled_weight(10) == pytest.approx(0.2)
     assert algo.unlabeled_weight(14) == pytest.approx(1.0)
     assert algo.unlabeled_weight(19) == pytest.approx(2.0) and algo.unlabeled_weight(500) == pytest.approx(2.0)
-    assert algo.policy.status.mode == "streamed"  # no index known -> streamed bookkeeping
+    if name == "dtm_flex":
+        assert algo.policy.status.mode == "streamed"  # no index known -> streamed bookkeeping
 
 
-def test_dtm_class_quantile_accepts_a_share_of_every_class_down_to_the_floor():
+def test_dtm_flex_class_quantile_accepts_a_share_of_every_class_down_to_the_floor():
     """class_quantile q: each class's threshold tracks the confidence above which q of its predictions lie."""
     from semifer.registry import THRESHOLDS
 
-    pol = THRESHOLDS.get("dtm")(4, tau=0.95, tau_min=0.8, mode="streamed", class_quantile=0.3,
+    pol = THRESHOLDS.get("dtm_flex")(4, tau=0.95, tau_min=0.8, mode="streamed", class_quantile=0.3,
                                 quantile_floor=0.4, quantile_step=0.02)
     g = torch.Generator().manual_seed(0)
     # Class 0 is predicted confidently, classes 1-3 never above ~0.7: a hard DTM would never accept them.
@@ -151,10 +153,10 @@ def test_dtm_class_quantile_accepts_a_share_of_every_class_down_to_the_floor():
     assert torch.allclose(pol.thresholds(), torch.full((4,), 0.4))
 
 
-def test_dtm_without_class_quantile_has_no_extra_state():
+def test_dtm_flex_without_class_quantile_has_no_extra_state():
     from semifer.registry import THRESHOLDS
 
-    assert "quantile" not in THRESHOLDS.get("dtm")(4, mode="streamed").state_dict()
+    assert "quantile" not in THRESHOLDS.get("dtm_flex")(4, mode="streamed").state_dict()
 
 
 def _sequential_status(selected, last_pred, index, conf, pred, tau):
@@ -242,4 +244,6 @@ def test_policy_order_flags():
     assert THRESHOLDS.get("fixed").update_before_mask
     assert THRESHOLDS.get("freematch").update_before_mask
     assert not THRESHOLDS.get("flexmatch").update_before_mask
-    assert not DynamicThreshold.update_before_mask  # the FlexMatch-status DTM policy
+    assert not DynamicThreshold.update_before_mask  # the FlexMatch-status DTM policy (dtm_flex)
+    assert THRESHOLDS.get("dtm_flex") is DynamicThreshold
+    assert THRESHOLDS.get("dtm").update_before_mask  # the precision-target DTM: histogram, then mask

@@ -31,9 +31,12 @@ def test_train_improves_the_metric(tiny_data, tmp_path):
     assert (res.run_dir / "config.yaml").exists() and any((res.run_dir / "tensorboard").iterdir())
 
 
-@pytest.mark.parametrize("algorithm, status_mode", [("dtm", "indexed"), ("dtm", "streamed"), ("freematch", "auto")])
+@pytest.mark.parametrize("algorithm, status_mode", [("dtm_flex", "indexed"), ("dtm_flex", "streamed"), ("dtm", "auto"),
+                                                    ("freematch", "auto")])
 def test_resume_is_exact(tiny_data, tmp_path, algorithm, status_mode):
-    kw = dict(algorithm=algorithm, steps=10, ssl={"status_mode": status_mode, "fairness_weight": 0.01},
+    # dtm: calibrated at steps 0, 3, 6, 9 (the resumed part crosses one) with thresholds that open.
+    kw = dict(algorithm=algorithm, steps=10, ssl={"status_mode": status_mode, "fairness_weight": 0.01,
+                                                  "calib_every": 3, "target_precision": 0.2, "precision_floor": 0.0},
               run={"checkpoint_every": 4, "eval_every": 5})
     full = semifer.train(tiny_config(tiny_data, tmp_path / "full", **kw))
     part_cfg = tiny_config(tiny_data, tmp_path / "part", **kw)

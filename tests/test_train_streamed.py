@@ -25,10 +25,15 @@ def unlabeled_dirs(tmp_path_factory):
     return {"folder": f"stream:folder:{folder}", "wds": f"wds:{shard}"}
 
 
-@pytest.mark.parametrize("kind, mode", [("folder", "indexed"), ("wds", "streamed")])
-def test_streamed_unlabeled_trains_and_resumes_exactly(tiny_data, unlabeled_dirs, tmp_path, kind, mode):
-    kw = dict(algorithm="dtm", steps=6, data={"unlabeled": [unlabeled_dirs[kind]], "num_workers": 1},
-              run={"checkpoint_every": 3, "eval_every": 3})
+# dtm_flex keeps FlexMatch's per-sample status where the source is indexed; the precision-target
+# dtm needs no index (calibrated every 2 steps from step 1 on, so resuming crosses a calibration).
+# dtm_rounds refuses streamed sources (tests/test_dtm.py).
+@pytest.mark.parametrize("kind, algorithm, mode", [("folder", "dtm_flex", "indexed"), ("wds", "dtm_flex", "streamed"),
+                                                   ("wds", "dtm", None)])
+def test_streamed_unlabeled_trains_and_resumes_exactly(tiny_data, unlabeled_dirs, tmp_path, kind, algorithm, mode):
+    dtm = {"warmup_steps": 1, "calib_every": 2, "target_precision": 0.2, "precision_floor": 0.0, "hist_momentum": 0.5}
+    kw = dict(algorithm=algorithm, steps=6, data={"unlabeled": [unlabeled_dirs[kind]], "num_workers": 1},
+              ssl=dtm if algorithm == "dtm" else {}, run={"checkpoint_every": 3, "eval_every": 3})
     full = semifer.train(tiny_config(tiny_data, tmp_path / "full", **kw))
     assert full.completed
     cfg = tiny_config(tiny_data, tmp_path / "part", **kw)
@@ -42,6 +47,9 @@ def test_streamed_unlabeled_trains_and_resumes_exactly(tiny_data, unlabeled_dirs
     status_keys = {k.split(".")[-1] for k in a["algorithm"]}
     assert ("selected" in status_keys) == (mode == "indexed")
     assert ("status" in status_keys) == (mode == "streamed")
+    if algorithm == "dtm":
+        assert int(a["algorithm"]["policy.calibrations"]) == 3          # steps 1, 3, 5
+        assert (a["algorithm"]["policy.thr"] < 1).any()                  # some class opened
 
 
 def test_streamed_and_in_memory_sources_cannot_mix_yet(tiny_data, unlabeled_dirs, tmp_path):

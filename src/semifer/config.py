@@ -106,6 +106,7 @@ class SSLConfig:
     rounds: int = 3
     pseudo_targets: Literal["hard", "soft"] = "hard"
     pseudo_sampling: Literal["class_balanced", "uniform"] = "class_balanced"
+    max_oversample: float = 10.0    # class_balanced: no face drawn more than k x as often as uniform
     # FreeMatch only
     freematch_momentum: float = 0.999
     # Weight of FreeMatch's self-adaptive fairness loss (sign as published, ssl/losses.py); 0.001 is

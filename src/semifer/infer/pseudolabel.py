@@ -7,7 +7,11 @@ no alignment). Sources are the streamed kinds of :mod:`semifer.data.unlabeled` (
 label, confidence``, in source order, then sample order (folder/list: sorted relative path;
 recordio: .idx order; wds: tar order, then tar member order). Undecodable samples are skipped
 and counted. ``--threshold X`` (or ``dtm``: the class-wise thresholds the checkpoint's algorithm
-state gives) keeps the rows whose confidence reaches their class's threshold.
+state gives) keeps the rows whose confidence reaches their class's threshold. Where that state's
+policy calibrates the teacher (DTM: ``semifer.ssl.dtm``, thresholds on probabilities calibrated by a
+temperature and per-class biases), the rows hold the *calibrated* probabilities, the label is their
+argmax and a row is kept exactly when the policy's own ``mask`` accepts it (a closed class, threshold
+1, keeps nothing); ``pseudolabels.json`` says which (``probabilities``, ``calibration``).
 
 Sharding (:mod:`semifer.infer.shards`): sample ``i`` of an indexed source goes to shard
 ``i % N``; WebDataset tars go whole to shards ``t % N`` (with fewer tars than shards, the
@@ -55,6 +59,8 @@ class PseudoLabelReport:
         if self.reused:
             return f"{self.shard} already complete, not redone ({self.rows} rows, {self.skips.summary()}): {self.csv}"
         thr = f", {self.below_threshold} below threshold" if self.info.get("thresholds") is not None else ""
+        if self.info.get("probabilities") == "calibrated":
+            thr += " (calibrated probabilities)"
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
         return (f"{self.samples} samples -> {self.rows} rows{thr} in {self.seconds:.1f} s ({rate:.1f} samples/s, "
                 f"weights: {self.info.get('weights', '?')}); {self.skips.summary()}; wrote {self.csv}"
@@ -77,8 +83,17 @@ def load_teacher(checkpoint: Path | str, device: str = "cpu"):
 
 def class_thresholds(threshold: str | float | None, ckpt: dict, path: Path) -> tuple[np.ndarray | None, str]:
     """Per-class thresholds (8,) from ``--threshold``: a number, or ``dtm`` (the checkpoint's algorithm state)."""
+    _, thr, where = threshold_policy(threshold, ckpt, path)
+    return thr, where
+
+
+def threshold_policy(threshold: str | float | None, ckpt: dict, path: Path):
+    """``(policy or None, per-class thresholds (8,) or None, where they came from)`` for ``--threshold``.
+
+    ``policy`` is the checkpoint's threshold policy (``--threshold dtm``), on the CPU, else None.
+    """
     if threshold is None:
-        return None, "none"
+        return None, None, "none"
     if str(threshold).lower() != "dtm":
         try:
             t = float(threshold)
@@ -86,7 +101,7 @@ def class_thresholds(threshold: str | float | None, ckpt: dict, path: Path) -> t
             raise ValueError(f"--threshold wants a number in [0, 1] or dtm, got {threshold!r}") from None
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"--threshold must lie in [0, 1], got {t}")
-        return np.full(NUM_CLASSES, t), f"{t:g}"
+        return None, np.full(NUM_CLASSES, t), f"{t:g}"
     state, where = ckpt.get("algorithm"), path.name
     if state is None and path.name != "last.pt" and (path.parent / "last.pt").is_file():
         # best.pt keeps weights only; the training state beside it has the threshold buffers
@@ -101,13 +116,21 @@ def class_thresholds(threshold: str | float | None, ckpt: dict, path: Path) -> t
     from semifer.ssl import build_algorithm
 
     cfg = from_dict(TrainConfig, ckpt["config"])
-    selected = state.get("policy.status.selected")
+    # The unlabeled set's size, where the state has per-sample buffers: FlexMatch-style indexed
+    # status, dtm_rounds' accepted faces (which needs it: it refuses to be built without one).
+    per_sample = state.get("policy.status.selected", state.get("accepted"))
     algo = build_algorithm(cfg.ssl, NUM_CLASSES, state["labeled_counts"],
-                           None if selected is None else int(selected.numel()))
+                           None if per_sample is None else int(per_sample.numel()))
     if algo.policy is None:
         raise ValueError(f"--threshold dtm: algorithm {cfg.ssl.algorithm!r} keeps no thresholds; give a number")
     algo.load_state_dict(state)
-    return algo.policy.thresholds().double().numpy(), f"{cfg.ssl.algorithm} state of {where}"
+    policy = algo.policy.cpu().eval()
+    return policy, policy.thresholds().double().numpy(), f"{cfg.ssl.algorithm} state of {where}"
+
+
+def calibrating(policy) -> bool:
+    """True for a policy whose thresholds apply to calibrated probabilities (DTM's ``calibrated``)."""
+    return policy is not None and callable(getattr(policy, "calibrated", None))
 
 
 # --------------------------------------------------------------------------- samples of one shard
@@ -210,11 +233,14 @@ def pseudolabel(checkpoint: Path | str, unlabeled: list[str], out: Path | str, b
     shard = shard or Shard()
     t0 = time.perf_counter()
     model, cfg, ckpt, path, weights = load_teacher(checkpoint, device)
-    thr, thr_from = class_thresholds(threshold, ckpt, path)
+    policy, thr, thr_from = threshold_policy(threshold, ckpt, path)
+    calibrated = calibrating(policy)
     sources = [(spec, _open(spec, cfg)) for spec in unlabeled]
     stat = path.stat()
     info = {"checkpoint": str(path), "weights": weights, "unlabeled": list(unlabeled),
-            "thresholds": None if thr is None else [round(float(t), 6) for t in thr], "thresholds_from": thr_from}
+            "thresholds": None if thr is None else [round(float(t), 6) for t in thr], "thresholds_from": thr_from,
+            "probabilities": "calibrated" if calibrated else "softmax",
+            "calibration": _calibration_info(policy, thr_from) if calibrated else None}
     fp = fingerprint({**info, "file": (stat.st_size, stat.st_mtime_ns), "sizes": [_size(s) for _, s in sources]})
     if shard.count == 1:
         sink, meta_path = CsvOut(out / f"{STEM}.csv", PL_COLUMNS), None
@@ -233,7 +259,8 @@ def pseudolabel(checkpoint: Path | str, unlabeled: list[str], out: Path | str, b
             report = PseudoLabelReport(csv_path, info=info, shard=f"shard {shard}")
     if not report.reused:
         try:
-            _run(model, cfg, sources, shard, sink, report, thr, batch_size, device, workers, progress)
+            _run(model, cfg, sources, shard, sink, report, thr, batch_size, device, workers, progress,
+                 policy if calibrated else None)
         except BaseException:
             sink.abort()
             raise
@@ -251,8 +278,32 @@ def pseudolabel(checkpoint: Path | str, unlabeled: list[str], out: Path | str, b
     return report
 
 
+def _calibration_info(policy, where: str) -> dict:
+    """What the rows' calibration was: temperature and per-class biases, and their source."""
+    return {"from": where, "temperature": round(float(policy.temperature.reshape(-1)[0]), 6),
+            "bias": [round(float(b), 6) for b in policy.bias.reshape(-1)]}
+
+
+def _label(probs: torch.Tensor, thr, policy) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(probabilities written, label, confidence, keep)`` of a batch of softmax probabilities (B, 8).
+
+    A calibrating policy (DTM) gives calibrated probabilities, their argmax and its own mask;
+    otherwise the softmax, its argmax and ``confidence >= threshold of the label``.
+    """
+    if policy is not None:
+        mask, label = policy.mask(probs)
+        q = policy.calibrated(probs)
+        conf = q.gather(1, label[:, None]).squeeze(1)
+        keep = mask.bool() if thr is not None else torch.ones(len(q), dtype=torch.bool)
+        return q.numpy(), label.numpy(), conf.numpy(), keep.numpy()
+    p = probs.numpy()
+    label, conf = p.argmax(1), p.max(1)
+    keep = np.ones(len(p), bool) if thr is None else conf >= thr[label]
+    return p, label, conf, keep
+
+
 def _run(model, cfg, sources, shard: Shard, sink: CsvOut, report: PseudoLabelReport, thr, batch_size: int,
-         device: str, workers: int, progress: bool) -> None:
+         device: str, workers: int, progress: bool, policy=None) -> None:
     size, channels = cfg.data.image_size, cfg.data.channels
     items = _items(sources, shard, report.skips)
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
@@ -261,9 +312,7 @@ def _run(model, cfg, sources, shard: Shard, sink: CsvOut, report: PseudoLabelRep
         for keys, specs, names, x in _batches(items, size, batch_size, channels, pool, report.skips):
             with torch.inference_mode():
                 logits = model(torch.from_numpy(x).to(device).float().div_(255.0))
-                probs = torch.softmax(logits.float(), 1).cpu().numpy()
-            label, conf = probs.argmax(1), probs.max(1)
-            keep = np.ones(len(probs), bool) if thr is None else conf >= thr[label]
+                probs, label, conf, keep = _label(torch.softmax(logits.float(), 1).cpu(), thr, policy)
             report.samples += len(probs)
             report.below_threshold += int((~keep).sum())
             for j in np.flatnonzero(keep):
@@ -290,7 +339,8 @@ def merge_pseudolabels(out: Path | str, count: int | None = None, launched: bool
     """``OUT/pseudolabels.csv`` (+ .json) from the shard files; refused, naming them, while any is missing."""
     out = Path(out)
     metas = merge_shards(out, STEM, PL_COLUMNS, out / f"{STEM}.csv", count, launched)
-    info = {k: metas[0].get(k) for k in ("checkpoint", "weights", "unlabeled", "thresholds", "thresholds_from")}
+    info = {k: metas[0].get(k) for k in ("checkpoint", "weights", "unlabeled", "thresholds", "thresholds_from",
+                                          "probabilities", "calibration")}
     report = PseudoLabelReport(out / f"{STEM}.csv", **{k: sum(m[k] for m in metas) for k in _COUNTS},
                                seconds=max(m["seconds"] for m in metas),
                                skips=skips_from_dicts([m["skips"] for m in metas]), info=info,

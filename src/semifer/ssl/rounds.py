@@ -37,6 +37,23 @@ def round_of(step: int, warmup: int, total: int, rounds: int) -> int:
     return min((step - warmup) // length, rounds - 1)
 
 
+def balanced_weights(pred: torch.Tensor, accepted: torch.Tensor, num_classes: int, max_oversample: float) -> torch.Tensor:
+    """Per-sample draw weights: every open class an equal share, but no face drawn more than
+    ``max_oversample`` times as often as uniform sampling over the accepted faces would.
+
+    Class share s_c = min(1 / #open classes, k * n_c / N) (then renormalised), spread evenly over
+    the class's n_c accepted faces. Without the cap a class with one accepted face would put
+    that one face into 1/C of every batch.
+    """
+    n = torch.bincount(pred[accepted], minlength=num_classes)[:num_classes].float()
+    total = n.sum().clamp_min(1.0)
+    open_ = n > 0
+    share = torch.minimum(torch.full_like(n, 1.0 / max(int(open_.sum()), 1)), max_oversample * n / total)
+    share = torch.where(open_, share, torch.zeros_like(share))
+    per_sample = share / n.clamp_min(1.0)
+    return torch.where(accepted, per_sample[pred.clamp_min(0)], torch.zeros(accepted.shape))
+
+
 @ALGORITHMS.register("dtm_rounds")
 class DTMRounds(Algorithm):
     """Self-training in rounds with DTM thresholds (docs/method.md, "DTM in rounds")."""
@@ -126,8 +143,7 @@ class DTMRounds(Algorithm):
         acc = self.accepted.cpu()
         pred = self.pseudo.cpu()
         if self.cfg.pseudo_sampling == "class_balanced":
-            per_class = torch.bincount(pred[acc], minlength=self.num_classes).float()
-            w = torch.where(acc, 1.0 / per_class.clamp_min(1.0)[pred.clamp_min(0)], torch.zeros(acc.shape))
+            w = balanced_weights(pred, acc, self.num_classes, self.cfg.max_oversample)
         else:
             w = acc.float()
         return torch.multinomial(w, global_batch, replacement=True, generator=gen)
