@@ -90,20 +90,70 @@ def _marker_for(n: int) -> str | None:
     return "o" if n <= 60 else None
 
 
+def _grid(width: float, height: float, rows: int, cols: int) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+
+
+def _stage_starts(records: list[dict]) -> list[int]:
+    """Steps where a stage begins: the first step with a non-zero lambda_u, and each round's start."""
+    starts = sorted({int(r["step"]) for r in records if r["kind"] == "round"})
+    lam_steps, lam = _series(records, "train", "lambda_u")
+    on = lam_steps[lam > 0]
+    if on.size and (not starts or on.min() < starts[0]):
+        starts.insert(0, int(on.min()))
+    return starts
+
+
 def _plot_thresholds(records: list[dict], path: Path) -> Path | None:
+    """One small panel per class (so no class hides another), stage starts marked."""
     steps, th = _class_series(records, "train", "thresholds")
     if not len(steps):
         return None
-    fig, (ax,) = _new_figure(7.5, 4.2)
+    stages = _stage_starts(records)
+    fig, axes = _grid(11.0, 5.2, 2, 4)
     for i, name in enumerate(ABAW_LABELS):
-        ax.plot(steps, th[:, i], color=_CLASS_COLORS[i], lw=1.4, label=name,
-                marker=_marker_for(len(steps)), ms=3)
-    finite = th[np.isfinite(th)]
-    if finite.size and finite.min() >= 0 and finite.max() <= 1:
-        ax.set_ylim(max(0.0, finite.min() - 0.05), 1.02)
-    ax.set(title="Per-class confidence thresholds", xlabel="step", ylabel="threshold")
-    ax.grid(alpha=0.3)
-    _class_legend(ax)
+        ax = axes.flat[i]
+        ax.plot(steps, th[:, i], color=_CLASS_COLORS[i], lw=1.5, marker=_marker_for(len(steps)), ms=3)
+        for k, s0 in enumerate(stages):
+            ax.axvline(s0, color="grey", ls=":", lw=0.9, label="stage start" if k == 0 else None)
+        ax.set_title(name, fontsize=9, color=_CLASS_COLORS[i])
+        ax.set_ylim(-0.02, 1.04)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("threshold")
+    if stages:
+        axes.flat[0].legend(loc="lower left", fontsize=7)
+    fig.suptitle("Per-class confidence thresholds (1.0 = class closed)", fontsize=10)
+    return _save(fig, path)
+
+
+def _plot_stages(records: list[dict], path: Path) -> Path | None:
+    """Per class and per stage (round): threshold, accepted faces, accuracy of accepted where known."""
+    rounds = [r for r in records if r["kind"] == "round"]
+    if not rounds:
+        return None
+    x = np.arange(len(rounds))
+    fig, (a1, a2, a3) = _new_figure(8.0, 8.0, nrows=3)
+    for i, name in enumerate(ABAW_LABELS):
+        th = [_num((r.get("thresholds") or [math.nan] * NUM_CLASSES)[i]) for r in rounds]
+        n = [_num((r.get("accepted_per_class") or [math.nan] * NUM_CLASSES)[i]) for r in rounds]
+        acc = [_num((r.get("accepted_accuracy") or [math.nan] * NUM_CLASSES)[i]) for r in rounds]
+        kw = dict(color=_CLASS_COLORS[i], marker="o", ms=4, lw=1.3, label=name)
+        a1.plot(x + 0.03 * (i - 3.5), th, **kw)  # small offsets: equal thresholds stay visible
+        a2.plot(x, np.maximum(np.asarray(n, dtype=float), 0.5), **kw)
+        a3.plot(x + 0.03 * (i - 3.5), acc, **kw)
+    a1.set(title="Threshold per class at each stage (1.0 = closed)", ylabel="threshold", ylim=(-0.02, 1.04))
+    a2.set(title="Accepted pseudo-labels per class", ylabel="faces (log)", yscale="log")
+    a3.set(title="Accuracy of accepted pseudo-labels whose truth is known", ylabel="accuracy",
+           ylim=(-0.02, 1.02), xlabel="stage")
+    a3.set_xticks(x, [f"round {r.get('round', k)}\nstep {r['step']}" for k, r in enumerate(rounds)])
+    for ax in (a1, a2, a3):
+        ax.grid(alpha=0.3)
+    _class_legend(a1)
     return _save(fig, path)
 
 
@@ -243,6 +293,7 @@ def _plot_best_confusion(records: list[dict], path: Path) -> Path | None:
 
 _PLOTS = (
     ("thresholds.png", _plot_thresholds),
+    ("stages.png", _plot_stages),
     ("pseudo_labels.png", _plot_pseudo_labels),
     ("macro_f1.png", _plot_macro_f1),
     ("loss.png", _plot_loss),

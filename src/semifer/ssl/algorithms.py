@@ -143,10 +143,16 @@ class PseudoLabelAlgorithm(Algorithm):
         accepted = mask.sum()
         mix = torch.zeros(self.num_classes, device=mask.device).scatter_add_(0, pseudo, mask.float())
         logs["pseudo_class_mix"] = mix / accepted.clamp_min(1.0)
+        logs["accepted_per_class"] = mix
         if batch.get("y_u_true") is not None:
             known = (batch["y_u_true"] >= 0).float() * mask  # accepted samples whose truth is known
             hit = (pseudo == batch["y_u_true"]).float() * known
             logs["pseudo_acc"] = hit.sum() / known.sum().clamp_min(1.0)
+            # Per class (by pseudo-label): accepted faces with known truth and the share right (-1: none).
+            n_known = torch.zeros(self.num_classes, device=mask.device).scatter_add_(0, pseudo, known)
+            n_hit = torch.zeros(self.num_classes, device=mask.device).scatter_add_(0, pseudo, hit)
+            logs["pseudo_acc_per_class"] = torch.where(n_known > 0, n_hit / n_known.clamp_min(1.0),
+                                                       torch.full_like(n_known, -1.0))
         return loss, logs
 
 
