@@ -287,7 +287,7 @@ def test_pseudolabel_with_a_dtm_checkpoint_writes_its_calibrated_mask(run_dir, i
     """The precision-target DTM thresholds calibrated probabilities: rows = policy.mask on the same probabilities."""
     import json
 
-    from semifer.config import from_dict, TrainConfig, to_dict
+    from semifer.config import TrainConfig, from_dict, to_dict
     from semifer.engine.checkpoint import atomic_save, load_checkpoint
     from semifer.ssl import build_algorithm
 

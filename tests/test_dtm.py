@@ -1,0 +1,338 @@
+"""DTM: precision-target thresholds on calibrated probabilities (ssl/dtm.py), online (ssl/dtm_online.py)
+and in rounds (ssl/rounds.py): hand-computed thresholds, calibration, state, and exact resume."""
+import math
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+import semifer
+from semifer.engine.checkpoint import load_checkpoint
+from semifer.engine.runlog import read_metrics
+from semifer.registry import ALGORITHMS, THRESHOLDS
+from semifer.ssl.dtm import PrecisionThreshold, fit_calibration, tail_thresholds
+from tests.conftest import stripes, tiny_config
+
+
+def probs_with(pred, conf, C):
+    """Probabilities whose argmax is ``pred`` with max value ``conf``, the rest spread evenly."""
+    pred, conf = torch.as_tensor(pred), torch.as_tensor(conf, dtype=torch.float32)
+    p = ((1 - conf) / (C - 1))[:, None].repeat(1, C)
+    p[torch.arange(len(pred)), pred] = conf
+    return p
+
+
+# --------------------------------------------------------------------------- tail_thresholds
+def test_tail_thresholds_by_hand():
+    # 4 bins with lower edges 0, .25, .5, .75; target precision .8, floor .5.
+    count = torch.tensor([[0., 0., 2., 2.],    # c0: two faces at .6, two at .9
+                          [1., 1., 1., 3.],    # c1: .2, .3, .6 and three at .95
+                          [0., 1., 0., 9.],    # c2: one at .4, nine at .98
+                          [2., 2., 0., 0.],    # c3: two at .2, two at .35
+                          [0., 0., 0., 0.]])   # c4: never predicted
+    conf_sum = torch.tensor([[0., 0., 1.2, 1.8],
+                             [.2, .3, .6, 2.85],
+                             [0., .4, 0., 8.82],
+                             [.4, .7, 0., 0.],
+                             [0., 0., 0., 0.]])
+    # Tail means (sum of q / count over bins >= edge), edges 0 / .25 / .5 / .75:
+    # c0: -, -, 3.0/4 = .75, 1.8/2 = .9            -> lowest edge reaching .8: .75, precision .9, 2 faces
+    # c1: 3.95/6 = .658, 3.75/5 = .75, 3.45/4 = .8625, .95  -> .5, precision .8625, 4 faces
+    # c2: 9.22/10 = .922 at edges 0 and .25 (below the floor), 8.82/9 = .98 at .5 -> floor .5, .98, 9 faces
+    # c3: .275, .35, -, -                          -> never .8: closed (1), precision 0, 0 faces
+    # c4: nothing                                  -> closed
+    # Shares: accepted faces / all 24 faces.
+    thr, est, share = tail_thresholds(count, conf_sum, target=0.8, floor=0.5)
+    assert torch.allclose(thr, torch.tensor([.75, .5, .5, 1., 1.]))
+    assert torch.allclose(est, torch.tensor([.9, .8625, .98, 0., 0.]))
+    assert torch.allclose(share, torch.tensor([2., 4., 9., 0., 0.]) / 24)
+    # Without the floor c2 opens at edge 0 (all 10 faces, precision .922); the others are unchanged.
+    thr0, est0, share0 = tail_thresholds(count, conf_sum, target=0.8, floor=0.0)
+    assert torch.allclose(thr0, torch.tensor([.75, .5, 0., 1., 1.]))
+    assert est0[2] == pytest.approx(9.22 / 10) and share0[2] == pytest.approx(10 / 24)
+    # Target .91: c0's best tail (.9) falls short -> closed; c1 needs its top bin (.95 at edge .75);
+    # c2 keeps the floor (.98).
+    thr9, est9, _ = tail_thresholds(count, conf_sum, target=0.91, floor=0.5)
+    assert torch.allclose(thr9, torch.tensor([1., .75, .5, 1., 1.]))
+    assert torch.allclose(est9, torch.tensor([0., .95, .98, 0., 0.]))
+
+
+def test_every_class_with_a_confident_tail_opens_however_rare():
+    """The thresholds are per class: a rare class with a trustworthy tail is not drowned by a frequent one."""
+    C = 8
+    sizes = [4000, 40, 25, 300, 900, 120, 60, 15]   # skewed like face data (happy dominates)
+    preds, confs = [], []
+    for c, n in enumerate(sizes):
+        k = max(1, int(0.3 * n))                     # 30 % of each class confidently right
+        preds += [c] * n
+        confs += [0.97] * k + torch.linspace(0.3, 0.45, n - k).tolist()
+    pol = PrecisionThreshold(C, target=0.8, floor=0.5, bins=100)
+    pol.set_histogram(probs_with(preds, confs, C))
+    # Every class: tail at the floor = its confident faces only, precision .97 -> threshold .5.
+    assert torch.allclose(pol.thresholds(), torch.full((C,), 0.5)), pol.thresholds()
+    assert torch.allclose(pol.est_precision, torch.full((C,), 0.97), atol=1e-4)
+    # The rarest class accepts its confident faces: 4 of its 15, out of 5460 in all.
+    assert pol.accept_share[7] == pytest.approx(4 / sum(sizes), rel=1e-4)
+    # A class without a confident tail stays closed.
+    confs_low = [min(q, 0.6) if p == 3 else q for p, q in zip(preds, confs)]
+    pol.set_histogram(probs_with(preds, confs_low, C))
+    assert pol.thresholds()[3] == 1.0 and (pol.thresholds()[[0, 1, 2, 4, 5, 6, 7]] < 1).all()
+
+
+# --------------------------------------------------------------------------- calibration
+def test_fit_calibration_recovers_temperature_and_bias():
+    g = torch.Generator().manual_seed(0)
+    N, C, T = 20000, 4, 2.0
+    z = 3 * torch.randn(N, C, generator=g)
+    b = torch.tensor([0.6, -0.4, 0.0, -0.2])          # mean 0: softmax ignores a common shift
+    y = torch.multinomial((z / T + b).softmax(1), 1, generator=g).squeeze(1)
+    t_hat, b_hat = fit_calibration(z, y, C, l2=0.0)
+    assert t_hat.shape == (1,) and b_hat.shape == (C,)
+    assert t_hat.item() == pytest.approx(T, abs=0.1)
+    assert torch.allclose(b_hat - b_hat.mean(), b, atol=0.06), b_hat
+    # The default L2 pull shrinks the biases toward 0 but keeps the temperature.
+    t_d, b_d = fit_calibration(z, y, C)
+    assert t_d.item() == pytest.approx(T, abs=0.1) and torch.allclose(b_d, b, atol=0.12)
+    assert b_d.norm() < b_hat.norm()
+    # Nothing held out: the identity calibration.
+    t0, b0 = fit_calibration(torch.empty(0, C), torch.empty(0, dtype=torch.long), C)
+    assert t0.item() == 1.0 and torch.equal(b0, torch.zeros(C))
+
+
+def test_calibrate_sets_the_buffers_and_the_holdout_precision():
+    g = torch.Generator().manual_seed(1)
+    C = 3
+    z = 4 * torch.randn(3000, C, generator=g)
+    y = torch.multinomial((z / 2).softmax(1), 1, generator=g).squeeze(1)
+    pol = PrecisionThreshold(C, target=0.8, floor=0.5, bins=20)
+    assert (pol.holdout_precision == -1).all()        # "not measured", not NaN (resume compares buffers)
+    pol.calibrate(z, y)
+    assert pol.temperature.item() == pytest.approx(2.0, abs=0.2) and int(pol.calibrations) == 1
+    assert (pol.holdout_precision == -1).all()        # every class still closed: nothing accepted
+    pol.set_histogram(pol.calibrated(z.softmax(1)))
+    assert (pol.thresholds() < 1).all()
+    # Held-out precision at the new thresholds: the accepted held-out faces' accuracy, per class.
+    q = pol.calibrated(z.softmax(1))
+    conf, pred = q.max(1)
+    for c in range(C):
+        sel = (pred == c) & (conf >= pol.thresholds()[c])
+        assert pol.holdout_precision[c].item() == pytest.approx((y[sel] == c).float().mean().item(), abs=1e-6)
+        assert pol.holdout_precision[c] > 0.75        # calibrated: about the 0.8 target
+
+
+# --------------------------------------------------------------------------- the policy online
+def test_online_update_opens_a_class_as_its_confidence_rises():
+    C = 3
+    pol = PrecisionThreshold(C, target=0.8, floor=0.5, bins=20, momentum=0.9)
+    assert torch.equal(pol.thresholds(), torch.ones(C))            # closed until a histogram exists
+    history = []
+    for t in range(60):
+        rising = 0.4 + 0.55 * t / 59                                # class 1: 0.4 -> 0.95
+        pred = [0] * 100 + [1] * 100 + [2] * 100
+        conf = [0.95] * 100 + [rising] * 100 + [0.6] * 100           # class 2 stays at 0.6: never .8
+        pol.update(probs_with(pred, conf, C))
+        history.append(pol.thresholds().clone())
+    h = torch.stack(history)
+    assert h[0, 1] == 1.0 and h[-1, 1] < 0.9                        # class 1 starts closed, ends open
+    assert (h[1:, 1] <= h[:-1, 1] + 1e-6).all()                     # and its threshold only falls
+    assert torch.allclose(h[:, 0], torch.full((60,), 0.5))         # class 0: always at the floor
+    assert (h[:, 2] == 1.0).all()                                   # class 2: always closed
+    # The state is in buffers: a fresh policy loading it has the same thresholds and mask.
+    keys = {"temperature", "bias", "count", "conf_sum", "thr", "est_precision", "accept_share",
+            "holdout_precision", "calibrations"}
+    assert keys <= set(pol.state_dict())
+    other = PrecisionThreshold(C, target=0.8, floor=0.5, bins=20, momentum=0.9)
+    other.load_state_dict(pol.state_dict())
+    probs = torch.softmax(3 * torch.randn(500, C, generator=torch.Generator().manual_seed(2)), 1)
+    assert torch.equal(other.thresholds(), pol.thresholds())
+    for a, b in zip(other.mask(probs), pol.mask(probs)):
+        assert torch.equal(a, b)
+    # ... and continues identically.
+    other.update(probs)
+    pol.update(probs)
+    assert torch.equal(other.count, pol.count) and torch.equal(other.thresholds(), pol.thresholds())
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_policy_moves_devices(device):
+    pol = PrecisionThreshold(4, bins=10).to(device)
+    assert all(b.device.type == device for b in pol.buffers())
+    probs = torch.softmax(3 * torch.randn(64, 4), 1).to(device)
+    pol.update(probs)
+    mask, pseudo = pol.mask(probs)
+    assert mask.device.type == device and pseudo.device.type == device and pol.thresholds().device.type == device
+    assert pol.to("cpu").thresholds().device.type == "cpu"
+
+
+def test_mask_is_the_threshold_rule_on_calibrated_probabilities():
+    C = 4
+    g = torch.Generator().manual_seed(3)
+    pol = PrecisionThreshold(C, target=0.8, floor=0.5, bins=10)
+    pol.temperature.fill_(0.5)
+    pol.bias.copy_(torch.tensor([0.8, -0.5, 0.0, 0.3]))
+    pol.thr.copy_(torch.tensor([0.6, 0.7, 1.0, 0.9]))               # class 2 closed
+    probs = torch.softmax(2 * torch.randn(4000, C, generator=g), 1)
+    mask, pseudo = pol.mask(probs)
+    # The rule, written out: q = softmax(log p / T + b); keep argmax q where q_max >= its class's
+    # threshold and the class is open.
+    q = torch.softmax(probs.log() / 0.5 + torch.tensor([0.8, -0.5, 0.0, 0.3]), 1)
+    conf, pred = q.max(1)
+    thr = pol.thr[pred]
+    expected = (conf >= thr) & (thr < 1)
+    assert torch.equal(pseudo, pred) and torch.equal(mask.bool(), expected)
+    assert mask.dtype == probs.dtype and 0 < expected.sum() < len(expected)
+    assert not (mask.bool() & (pred == 2)).any()                    # a closed class accepts nothing
+    # The calibration matters: the same thresholds on the raw probabilities decide differently.
+    raw_conf, raw_pred = probs.max(1)
+    assert not torch.equal(expected, raw_conf >= pol.thr[raw_pred]) or not torch.equal(pred, raw_pred)
+    # Even a calibrated confidence of exactly 1 is refused by a closed class.
+    sure = torch.zeros(1, C)
+    sure[0, 2] = 1.0
+    pol.temperature.fill_(1.0)
+    pol.bias.zero_()
+    assert pol.mask(sure)[0].item() == 0.0
+
+
+# --------------------------------------------------------------------------- training runs
+ROUNDS = {"warmup_steps": 4, "rounds": 2, "holdout_fraction": 0.25, "mu": 2, "target_precision": 0.7}
+
+
+def _rounds_cfg(tiny_data, out):
+    # Stage 0 = steps 0-3; round 0 = steps 4-7, round 1 = steps 8-11 ((12 - 4) // 2 = 4 steps each).
+    return tiny_config(tiny_data, out, algorithm="dtm_rounds", steps=12, ssl=ROUNDS,
+                       run={"checkpoint_every": 4, "eval_every": 4})
+
+
+@pytest.fixture(scope="module")
+def rounds_run(tiny_data, tmp_path_factory):
+    return semifer.train(_rounds_cfg(tiny_data, tmp_path_factory.mktemp("rounds") / "full"))
+
+
+def _assert_same_state(a_path, b_path):
+    a, b = load_checkpoint(a_path), load_checkpoint(b_path)
+    assert a["step"] == b["step"]
+    for part in ("model", "ema", "algorithm"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    return a
+
+
+def test_dtm_rounds_logs_one_record_per_round(rounds_run):
+    assert rounds_run.completed and math.isfinite(rounds_run.macro_f1) and 0 <= rounds_run.macro_f1 <= 1
+    recs = [r for r in read_metrics(rounds_run.run_dir) if r["kind"] == "round"]
+    assert [(r["round"], r["step"]) for r in recs] == [(0, 4), (1, 8)]
+    for r in recs:
+        assert len(r["thresholds"]) == len(r["accepted_per_class"]) == len(r["est_precision"]) == 8
+        assert sum(r["accepted_per_class"]) == r["accepted"] <= r["unlabeled"] == 240
+        for thr, n, est in zip(r["thresholds"], r["accepted_per_class"], r["est_precision"]):
+            if thr < 1:
+                assert est >= ROUNDS["target_precision"] - 1e-6 and thr >= 0.5  # target and floor
+            else:
+                assert n == 0 and est == 0
+    assert recs[-1]["accepted"] > 0          # the round-1 teacher trusts some faces ...
+    train = [r for r in read_metrics(rounds_run.run_dir) if r["kind"] == "train"]
+    assert all("loss_u" not in r for r in train if r["step"] <= 4)       # ... stage 0 is supervised
+    assert any(r.get("loss_u") is not None for r in train if r["step"] > 8)  # ... and round 1 learns from them
+    ck = load_checkpoint(rounds_run.run_dir / "checkpoints" / "last.pt")
+    alg = ck["algorithm"]
+    assert int(alg["round"]) == 1 and int(alg["accepted"].sum()) == recs[-1]["accepted"]
+    assert alg["targets"].shape == (240, 8) and torch.equal(alg["policy.thr"], torch.tensor(recs[-1]["thresholds"]))
+    # `semifer pseudolabel --threshold dtm` rebuilds the rounds state (its per-face buffers need the set's size).
+    from semifer.infer.pseudolabel import threshold_policy
+    pol, thr, where = threshold_policy("dtm", ck, rounds_run.run_dir / "checkpoints" / "last.pt")
+    assert "dtm_rounds state" in where and torch.equal(torch.from_numpy(thr).float(), alg["policy.thr"])
+    assert torch.equal(pol.temperature, alg["policy.temperature"])
+
+
+def test_dtm_rounds_resumes_mid_round_exactly(rounds_run, tiny_data, tmp_path):
+    cfg = _rounds_cfg(tiny_data, tmp_path / "part")
+    first = semifer.train(cfg, stop_after=10)                 # steps 0-9: stopped 2 steps into round 1
+    assert first.steps == 10 and not first.completed
+    mid = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["algorithm"]
+    assert int(mid["round"]) == 1 and mid["accepted"].any()   # mid-round, with pseudo-labels in use
+    second = semifer.train(cfg)
+    assert second.completed and second.macro_f1 == rounds_run.macro_f1
+    a = _assert_same_state(rounds_run.run_dir / "checkpoints" / "last.pt", tmp_path / "part" / "checkpoints" / "last.pt")
+    for k in ("round", "targets", "accepted", "pseudo"):
+        assert k in a["algorithm"]
+    # The resumed run did not label round 1 a second time.
+    assert [r["round"] for r in read_metrics(tmp_path / "part") if r["kind"] == "round"] == [0, 1]
+
+
+ONLINE = {"warmup_steps": 4, "calib_every": 3, "holdout_fraction": 0.25, "mu": 2, "hist_momentum": 0.5}
+
+
+def _online_cfg(tiny_data, out):
+    return tiny_config(tiny_data, out, algorithm="dtm", steps=12, ssl=ONLINE,
+                       run={"checkpoint_every": 4, "eval_every": 4})
+
+
+def test_online_dtm_calibrates_on_schedule_and_resumes_exactly(tiny_data, tmp_path):
+    full = semifer.train(_online_cfg(tiny_data, tmp_path / "full"))
+    assert full.completed and math.isfinite(full.macro_f1)
+    cal = [r for r in read_metrics(tmp_path / "full") if r["kind"] == "calibration"]
+    assert [r["step"] for r in cal] == [4, 7, 10]             # at the warm-up's end, then every 3 steps
+    for r in cal:
+        assert r["temperature"] > 0 and len(r["bias"]) == len(r["thresholds"]) == 8
+    held = (tmp_path / "full" / "holdout.json")
+    assert held.exists()
+    cfg = _online_cfg(tiny_data, tmp_path / "part")
+    semifer.train(cfg, stop_after=8)                          # between the calibrations at 7 and 10
+    assert int(load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["algorithm"]["policy.calibrations"]) == 2
+    second = semifer.train(cfg)
+    assert second.completed and second.macro_f1 == full.macro_f1
+    a = _assert_same_state(tmp_path / "full" / "checkpoints" / "last.pt", tmp_path / "part" / "checkpoints" / "last.pt")
+    assert int(a["algorithm"]["policy.calibrations"]) == 3
+    assert [r["step"] for r in read_metrics(tmp_path / "part") if r["kind"] == "calibration"] == [4, 7, 10]
+
+
+# --------------------------------------------------------------------------- streamed sources
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dtm_streamed")
+    images, _ = stripes(2, seed=7)
+    folder = root / "faces"
+    folder.mkdir()
+    for i, a in enumerate(images):
+        Image.fromarray(a).save(folder / f"{i:04d}.png")
+    with tarfile.open(root / "shard-000000.tar", "w") as tar:
+        for p in sorted(folder.iterdir()):
+            tar.add(p, arcname=p.name)
+    return {"wds": f"wds:{root / 'shard-000000.tar'}", "folder": f"stream:folder:{folder}"}
+
+
+def _streamed_rounds(tiny_data, streamed, kind, out):
+    return tiny_config(tiny_data, out, algorithm="dtm_rounds", steps=4,
+                       data={"unlabeled": [streamed[kind]], "num_workers": 0},
+                       ssl={"warmup_steps": 2, "rounds": 1}, run={"checkpoint_every": 1})
+
+
+def test_dtm_rounds_refuses_a_streamed_source_clearly(tiny_data, streamed, tmp_path):
+    with pytest.raises(ValueError, match="in-memory unlabeled set.*streamed sources"):
+        semifer.train(_streamed_rounds(tiny_data, streamed, "wds", tmp_path / "r"))
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="DTMRounds.__init__ only refuses sources without a size, and bind() stores "
+                   "None silently: an indexed streamed source (stream:folder:, list:, recordio:) or "
+                   "ssl.holdout_fraction 0 trains the whole stage 0, then fails at the first round with "
+                   "RuntimeError('needs bind(...)'); DTMRounds.bind should raise ValueError")
+@pytest.mark.parametrize("case", ["indexed streamed source", "no holdout"])
+def test_dtm_rounds_refuses_what_it_cannot_label_before_training(tiny_data, streamed, tmp_path, case):
+    if case == "no holdout":
+        cfg = tiny_config(tiny_data, tmp_path / "r", algorithm="dtm_rounds", steps=4,
+                          ssl={"warmup_steps": 2, "rounds": 1, "holdout_fraction": 0.0}, run={"checkpoint_every": 1})
+        match = "holdout"
+    else:
+        cfg, match = _streamed_rounds(tiny_data, streamed, "folder", tmp_path / "r"), "in-memory"
+    with pytest.raises(ValueError, match=match):
+        semifer.train(cfg)
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
+
+
+def test_thresholds_registry_names():
+    assert THRESHOLDS.get("dtm") is PrecisionThreshold
+    assert ALGORITHMS.get("dtm").uses_holdout and ALGORITHMS.get("dtm_rounds").uses_holdout
+    assert not ALGORITHMS.get("dtm_flex").uses_holdout
