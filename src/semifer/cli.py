@@ -34,6 +34,34 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(a: argparse.Namespace) -> int:
+    import shlex
+
+    import yaml
+
+    from semifer.config import load_config
+    from semifer.ssl.pretrain import pretrain
+
+    cfg = load_config(a.config, list(a.set or []))
+    res = pretrain(cfg, Path(a.out), a.steps, batch_size=a.batch_size, temperature=a.temperature,
+                   stop_after=a.stop_after)
+    if not res["completed"]:
+        print(f"pretrain: stopped at step {res['steps']} of {a.steps} (run again to resume); "
+              f"loss {res['loss']:.4f}; checkpoint {res['checkpoint']}")
+        return 0
+    ki, kp = res["knn_init"], res["knn_pretrained"]
+    print(f"pretrain: {res['steps']} steps on {res['images']} images in {res['wall_s']:.0f} s; final loss "
+          f"{res['loss']:.4f}")
+    print(f"k-NN (k={kp['k']}) on the val set: accuracy {ki['accuracy']:.4f} -> {kp['accuracy']:.4f}, "
+          f"macro-F1 {ki['macro_f1']:.4f} -> {kp['macro_f1']:.4f} (initial -> pretrained backbone)")
+    print(f"wrote {res['path']}; train from it with:")
+    path = res["path"]
+    if yaml.safe_load(path) != path:  # e.g. a path YAML would read as a number: quote it
+        path = json.dumps(path)
+    print(f"  semifer train ... --set {shlex.quote('model.pretrained=' + path)}")
+    return 0
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from semifer.eval.report import evaluate_path, format_scores
 
@@ -210,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pretrained", metavar="PATH",
                    help="backbone weights: .pth/.pt/.safetensors state dict, dlib .dat, or dlib-fr (docs/backbones.md)")
     t.set_defaults(func=_cmd_train)
+
+    ptr = sub.add_parser("pretrain", help="self-supervised (SimCLR) pretraining of the backbone on the unlabeled faces")
+    ptr.add_argument("--config", help="YAML config (the same as the later semifer train run's)")
+    ptr.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. data.image_size=48")
+    ptr.add_argument("--out", required=True, help="output folder (resumed if it holds pretrain_last.pt)")
+    ptr.add_argument("--steps", type=int, required=True, help="total pretraining steps")
+    ptr.add_argument("--batch-size", type=int, default=128, help="faces per step (2 views each)")
+    ptr.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
+    ptr.add_argument("--stop-after", type=int, help="stop this invocation after N steps (resume later)")
+    ptr.set_defaults(func=_cmd_pretrain)
 
     e = sub.add_parser("evaluate", help="re-score a saved model")
     e.add_argument("path", help="run directory or checkpoint file")
