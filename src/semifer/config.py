@@ -101,6 +101,9 @@ class SSLConfig:
     hist_momentum: float = 0.99     # EMA momentum of the histogram (online dtm)
     calib_every: int = 500          # online dtm: re-fit the calibration every N steps
     label_flip: bool = True         # teacher labels = mean of the face's and its mirror image's logits
+    # Re-weight calibrated probabilities to the unlabeled faces' class prior (EM, bounded); off:
+    # with a weak teacher EM invents a shift where there is none (docs/method.md)
+    prior_shift: bool = False
     # dtm_rounds: stage 0 = warmup_steps supervised, then `rounds` equal rounds; each round's
     # teacher labels the unlabeled set once
     rounds: int = 3

@@ -28,6 +28,9 @@ from semifer.registry import THRESHOLDS
 from semifer.ssl.thresholds import ThresholdPolicy
 
 
+MAX_SHIFT = 3.0  # largest factor by which the label-shift correction may move a class's odds
+
+
 def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = 0.01,
                     iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature T and per-class bias b minimising NLL of softmax(logits / T + b) on (logits, labels).
@@ -50,7 +53,9 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
         return loss
 
     opt.step(closure)
-    t = log_t.detach().exp().clamp(0.05, 20.0)
+    # A held-out slice the teacher gets all right drives T toward 0 (NLL -> 0); such a T says
+    # nothing about the unlabeled faces, so T stays within a plausible range.
+    t = log_t.detach().exp().clamp(0.25, 10.0)
     return t.float(), bias.detach().float()
 
 
@@ -94,7 +99,7 @@ class PrecisionThreshold(ThresholdPolicy):
     update_before_mask = True
 
     def __init__(self, num_classes: int, target: float = 0.8, floor: float = 0.5, bins: int = 100,
-                 momentum: float = 0.99) -> None:
+                 momentum: float = 0.99, prior_shift: bool = True) -> None:
         super().__init__(num_classes)
         if not 0.0 < target <= 1.0 or not 0.0 <= floor < 1.0:
             raise ValueError(f"need 0 < target precision <= 1 and 0 <= floor < 1, got {target}, {floor}")
@@ -109,12 +114,43 @@ class PrecisionThreshold(ThresholdPolicy):
         # -1 = no held-out face accepted for the class (not NaN: buffers must compare equal on resume)
         self.register_buffer("holdout_precision", torch.full((num_classes,), -1.0))
         self.register_buffer("calibrations", torch.zeros((), dtype=torch.long))
+        # Label shift (Saerens et al., 2002): the unlabeled faces' class prior differs from the
+        # held-out slice's, so calibrated probabilities are re-weighted by pi_u(c) / pi_l(c).
+        self.prior_shift = bool(prior_shift)
+        self.register_buffer("labeled_prior", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("unlabeled_prior", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("log_shift", torch.zeros(num_classes))
 
     # -- calibration -------------------------------------------------------------------
-    def calibrated(self, probs: torch.Tensor) -> torch.Tensor:
-        """softmax(log p / T + b): the teacher's probabilities after calibration."""
+    def calibrated(self, probs: torch.Tensor, shift: bool = True) -> torch.Tensor:
+        """softmax(log p / T + b + log(pi_u / pi_l)): the teacher's probabilities, calibrated
+        on the held-out slice and moved to the unlabeled faces' class prior (``shift``)."""
         logp = probs.float().clamp_min(1e-12).log()
-        return (logp / self.temperature + self.bias).softmax(dim=1)
+        z = logp / self.temperature + self.bias
+        return (z + self.log_shift if shift else z).softmax(dim=1)
+
+    def _set_shift(self, prior: torch.Tensor) -> None:
+        present = self.labeled_prior > 0
+        self.unlabeled_prior.copy_(prior)
+        # Bounded: EM with a weak teacher can run away toward the classes it over-predicts.
+        ratio = (prior.clamp_min(1e-6) / self.labeled_prior.clamp_min(1e-6)).clamp(1 / MAX_SHIFT, MAX_SHIFT)
+        self.log_shift.copy_(torch.where(present, ratio.log(), torch.zeros_like(ratio)))
+
+    @torch.no_grad()
+    def adapt_prior(self, probs: torch.Tensor, iters: int = 30) -> None:
+        """EM estimate of the unlabeled class prior from a whole pass of teacher probabilities."""
+        if not self.prior_shift:
+            return
+        q0 = self.calibrated(probs, shift=False)
+        prior = self.labeled_prior.clone()
+        for _ in range(iters):
+            w = torch.where(self.labeled_prior > 0,
+                            (prior / self.labeled_prior.clamp_min(1e-6)).clamp(1 / MAX_SHIFT, MAX_SHIFT),
+                            torch.zeros_like(prior))
+            q = q0 * w
+            q = q / q.sum(1, keepdim=True).clamp_min(1e-12)
+            prior = q.mean(0)
+        self._set_shift(prior)
 
     @torch.no_grad()
     def calibrate(self, holdout_logits: torch.Tensor, holdout_labels: torch.Tensor) -> None:
@@ -122,6 +158,11 @@ class PrecisionThreshold(ThresholdPolicy):
         t, b = fit_calibration(holdout_logits, holdout_labels, self.num_classes)
         self.temperature.copy_(t.to(self.temperature.device))
         self.bias.copy_(b.to(self.bias.device))
+        counts = torch.bincount(holdout_labels.long().cpu(), minlength=self.num_classes)[:self.num_classes].float()
+        self.labeled_prior.copy_((counts / counts.sum().clamp_min(1.0)).to(self.labeled_prior.device))
+        if int(self.calibrations) == 0:
+            self.unlabeled_prior.copy_(self.labeled_prior)
+        self._set_shift(self.unlabeled_prior)
         self.calibrations += 1
         self._holdout = (holdout_logits.detach().float().cpu(), holdout_labels.detach().long().cpu())
         self._refresh_holdout()
@@ -160,6 +201,10 @@ class PrecisionThreshold(ThresholdPolicy):
         stats = dist.all_reduce_sum(torch.stack([n, s]))
         total = stats[0].sum().clamp_min(1.0)
         m = self.momentum
+        if self.prior_shift and int(self.calibrations) > 0:
+            # One online EM step per batch: the running mean of the shifted probabilities.
+            mean_q = dist.all_reduce_mean(q.mean(0))
+            self._set_shift(self.unlabeled_prior * m + mean_q * (1 - m))
         self.count.mul_(m).add_(stats[0] / total, alpha=1 - m)
         self.conf_sum.mul_(m).add_(stats[1] / total, alpha=1 - m)
         self.refresh()

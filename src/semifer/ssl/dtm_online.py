@@ -26,14 +26,20 @@ class DTM(PseudoLabelAlgorithm):
 
     def __init__(self, cfg: SSLConfig, num_classes: int, labeled_counts: torch.Tensor,
                  num_unlabeled: int | None = None, imbalance: str = "none") -> None:
+        if cfg.soft_mask or cfg.distribution_alignment is True:
+            # Both act on raw probabilities; DTM's thresholds are on calibrated, prior-shifted ones.
+            raise ValueError("dtm does not combine with ssl.soft_mask or ssl.distribution_alignment "
+                             "(its thresholds hold for calibrated probabilities); use dtm_flex for those")
         super().__init__(cfg, num_classes, labeled_counts, num_unlabeled, imbalance)
         self.holdout = None
 
     def make_policy(self, cfg: SSLConfig, num_classes: int, num_unlabeled: int | None) -> ThresholdPolicy:
         return PrecisionThreshold(num_classes, cfg.target_precision, cfg.precision_floor, cfg.hist_bins,
-                                  cfg.hist_momentum)
+                                  cfg.hist_momentum, prior_shift=cfg.prior_shift)
 
     def bind(self, unlabeled=None, holdout=None) -> None:
+        if holdout is None or len(holdout) == 0:
+            raise ValueError("dtm calibrates its thresholds on a held-out labeled slice: set ssl.holdout_fraction > 0")
         self.holdout = holdout
 
     def unlabeled_weight(self, step: int) -> float:

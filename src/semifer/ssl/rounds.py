@@ -70,7 +70,8 @@ class DTMRounds(Algorithm):
                              "(wds:/recordio:/list:/stream:) need the online 'dtm' or `semifer pseudolabel`")
         if cfg.rounds < 1:
             raise ValueError(f"ssl.rounds must be >= 1 for dtm_rounds, got {cfg.rounds}")
-        self.policy = PrecisionThreshold(num_classes, cfg.target_precision, cfg.precision_floor, cfg.hist_bins)
+        self.policy = PrecisionThreshold(num_classes, cfg.target_precision, cfg.precision_floor, cfg.hist_bins,
+                                         prior_shift=cfg.prior_shift)
         self.register_buffer("round", torch.full((), -1, dtype=torch.long))
         self.register_buffer("targets", torch.zeros(num_unlabeled, num_classes, dtype=torch.float16))
         self.register_buffer("accepted", torch.zeros(num_unlabeled, dtype=torch.bool))
@@ -79,6 +80,11 @@ class DTMRounds(Algorithm):
         self.holdout = None
 
     def bind(self, unlabeled=None, holdout=None) -> None:
+        if unlabeled is None:
+            raise ValueError("dtm_rounds labels an in-memory unlabeled set once per round; streamed sources "
+                             "(wds:/recordio:/list:/stream:) need the online 'dtm' or `semifer pseudolabel`")
+        if holdout is None or len(holdout) == 0:
+            raise ValueError("dtm_rounds calibrates on a held-out labeled slice: set ssl.holdout_fraction > 0")
         self.unlabeled, self.holdout = unlabeled, holdout
 
     def unlabeled_weight(self, step: int) -> float:
@@ -98,7 +104,9 @@ class DTMRounds(Algorithm):
         flip = self.cfg.label_flip
         held = ctx.logits(self.holdout.images, flip=flip)
         self.policy.calibrate(held, self.holdout.labels)
-        q = self.policy.calibrated(ctx.logits(self.unlabeled.images, flip=flip).softmax(1).to(self.targets.device))
+        probs = ctx.logits(self.unlabeled.images, flip=flip).softmax(1).to(self.targets.device)
+        self.policy.adapt_prior(probs)
+        q = self.policy.calibrated(probs)
         self.policy.set_histogram(q)
         conf, pred = q.max(1)
         thr = self.policy.thresholds()
@@ -122,7 +130,8 @@ class DTMRounds(Algorithm):
                "thresholds": self.policy.thresholds().tolist(), "accepted_per_class": counts.tolist(),
                "est_precision": self.policy.est_precision.tolist(),
                "holdout_precision": [None if v < 0 else v for v in self.policy.holdout_precision.tolist()],
-               "temperature": float(self.policy.temperature)}
+               "temperature": float(self.policy.temperature),
+               "unlabeled_prior": self.policy.unlabeled_prior.tolist()}
         truth = getattr(self.unlabeled, "true_labels", None)
         if truth is not None:
             known = acc & (truth >= 0)
