@@ -315,10 +315,6 @@ def test_dtm_rounds_refuses_a_streamed_source_clearly(tiny_data, streamed, tmp_p
     assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="DTMRounds.__init__ only refuses sources without a size, and bind() stores "
-                   "None silently: an indexed streamed source (stream:folder:, list:, recordio:) or "
-                   "ssl.holdout_fraction 0 trains the whole stage 0, then fails at the first round with "
-                   "RuntimeError('needs bind(...)'); DTMRounds.bind should raise ValueError")
 @pytest.mark.parametrize("case", ["indexed streamed source", "no holdout"])
 def test_dtm_rounds_refuses_what_it_cannot_label_before_training(tiny_data, streamed, tmp_path, case):
     if case == "no holdout":
