@@ -38,7 +38,7 @@ def test_alignment_is_a_checkpointed_buffer_and_rejects_bad_momentum():
         DistributionAlignment(torch.tensor([0, 0]))
 
 
-@pytest.mark.parametrize("name,setting,expected", [("dtm", "auto", False), ("dtm", True, True), ("fixmatch", "auto", False),
+@pytest.mark.parametrize("name,setting,expected", [("dtm", "auto", False), ("dtm_flex", True, True), ("fixmatch", "auto", False),
                                                    ("fixmatch", True, True), ("dtm", False, False)])
 def test_alignment_default_follows_the_algorithm(name, setting, expected):
     cfg = SSLConfig(algorithm=name, distribution_alignment=setting)
@@ -63,3 +63,10 @@ def test_nonfinite_teacher_rows_do_not_reach_the_running_mean():
     before = da.running.clone()
     da(torch.full((2, 3), float("inf")))            # nothing finite: the buffer is left alone
     assert torch.equal(da.running, before)
+
+
+def test_dtm_refuses_alignment_and_soft_mask():
+    # DTM's thresholds hold for calibrated probabilities; both options act on raw ones.
+    for kw in ({"distribution_alignment": True}, {"soft_mask": True}):
+        with pytest.raises(ValueError, match="does not combine"):
+            build_algorithm(SSLConfig(algorithm="dtm", **kw), 8, torch.ones(8, dtype=torch.long), num_unlabeled=100)
