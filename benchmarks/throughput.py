@@ -296,7 +296,7 @@ def measure_threshold_update(s: Setup, num_samples: int = MS1M_SAMPLES, reps: in
     """(d) ms per step of the DTM policy's ``update`` + ``mask`` with an indexed status of ``num_samples``."""
     cfg = bench_config(s, Path("unused")).ssl
     dev, U = s.device, s.batch * s.mu
-    policy = THRESHOLDS.get("dtm")(NUM_CLASSES, tau=cfg.tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
+    policy = THRESHOLDS.get("dtm_flex")(NUM_CLASSES, tau=cfg.tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
                                    mode="indexed", num_samples=num_samples).to(dev)
     g = torch.Generator(device=dev).manual_seed(0)
     probs = (3 * torch.randn(U, NUM_CLASSES, device=dev, generator=g)).softmax(1)
