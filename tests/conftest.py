@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A fixed thread count: semifer otherwise picks threads from the machine's load, and results
+# depend slightly on the thread count (docs/performance.md). Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

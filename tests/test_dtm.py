@@ -195,7 +195,7 @@ def test_mask_is_the_threshold_rule_on_calibrated_probabilities():
 
 
 # --------------------------------------------------------------------------- training runs
-ROUNDS = {"warmup_steps": 4, "rounds": 2, "holdout_fraction": 0.25, "mu": 2, "target_precision": 0.4, "precision_floor": 0.2}
+ROUNDS = {"warmup_steps": 4, "rounds": 2, "holdout_fraction": 0.25, "mu": 2, "target_precision": 0.25, "precision_floor": 0.15}
 
 
 def _rounds_cfg(tiny_data, out):

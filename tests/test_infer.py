@@ -136,7 +136,20 @@ def test_predict_counts_bad_inputs_and_keeps_going(run_dir, tmp_path, capsys):
     rows = _read(out / "predictions.csv")
     assert len(rows) == 1 and rows[0]["source"].endswith("ok.png") and rows[0]["face"] == "0"
     printed = capsys.readouterr().out
-    assert f"skipped {len(bad) + 1}" in printed
+    # Some inputs skipped: exit 0, and the count on a line of its own.
+    assert any(line.startswith(f"skipped {len(bad) + 1} input(s)") for line in printed.splitlines())
+
+
+@pytest.mark.badinput
+def test_predict_with_nothing_readable_fails_with_reasons_first(run_dir, tmp_path, capsys):
+    (tmp_path / "notes.jpg").write_text("this is text, not a JPEG")
+    out = tmp_path / "pred"
+    rc = main(["predict", str(run_dir), str(tmp_path / "missing.jpg"), str(tmp_path / "notes.jpg"),
+               "--out", str(out), "--quiet"])
+    assert rc == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("semifer predict: no input could be read (2 skipped)")
+    assert any("missing.jpg" in line for line in err[1:3]) and any("notes.jpg" in line for line in err[1:3])
 
 
 @pytest.mark.badinput

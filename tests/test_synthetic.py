@@ -13,7 +13,7 @@ from semifer.data.synthetic import (
 )
 from semifer.labels import ABAW_LABELS, NUM_CLASSES
 
-SMALL = dict(labeled_per_class=5, unlabeled=300, test_per_class=6)
+SMALL = dict(labeled_per_class=5, unlabeled=300, test_per_class=6, val_per_class=4)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def small_splits() -> dict[str, SyntheticSplit]:
 
 
 def test_shapes_and_dtypes(small_splits):
-    assert set(small_splits) == {"labeled", "unlabeled", "test"}
-    expected_n = {"labeled": 5 * NUM_CLASSES, "unlabeled": 300, "test": 6 * NUM_CLASSES}
+    assert set(small_splits) == {"labeled", "unlabeled", "val", "test"}
+    expected_n = {"labeled": 5 * NUM_CLASSES, "unlabeled": 300, "val": 4 * NUM_CLASSES, "test": 6 * NUM_CLASSES}
     for name, sp in small_splits.items():
         n = expected_n[name]
         assert sp.images.shape == (n, 3, 48, 48), name
@@ -61,7 +61,7 @@ def test_global_rng_untouched():
 
 
 def test_per_class_counts(small_splits):
-    for name, k in (("labeled", 5), ("test", 6)):
+    for name, k in (("labeled", 5), ("val", 4), ("test", 6)):
         sp = small_splits[name]
         assert torch.bincount(sp.labels, minlength=NUM_CLASSES).tolist() == [k] * NUM_CLASSES, name
         assert torch.equal(sp.labels, sp.true_labels)
@@ -94,9 +94,10 @@ def test_custom_unlabeled_prior():
 
 def test_identities_disjoint_across_splits(small_splits):
     ids = {name: set(sp.identities.tolist()) for name, sp in small_splits.items()}
-    assert not ids["labeled"] & ids["unlabeled"]
-    assert not ids["labeled"] & ids["test"]
-    assert not ids["unlabeled"] & ids["test"]
+    names = sorted(ids)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not ids[a] & ids[b], (a, b)
     # The labeled split covers few identities; the unlabeled split many.
     assert len(ids["labeled"]) <= 12
     assert len(ids["unlabeled"]) > 3 * len(ids["labeled"])

@@ -24,6 +24,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
         overrides.append(f"data.unlabeled={json.dumps(a.unlabeled)}")
     if a.val:
         overrides.append(f"data.val={a.val}")
+    if a.test:
+        overrides.append(f"data.test={a.test}")
+    if a.threads:
+        overrides.append(f"run.threads={a.threads}")
     if a.pretrained:
         overrides.append(f"model.pretrained={json.dumps(a.pretrained)}")  # quoted: a path stays a string
     cfg = load_config(a.config, overrides)
@@ -82,7 +86,16 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from semifer.demo import run_demo
 
-    run_demo(Path(a.out), algorithms=a.algorithms.split(","), steps=a.steps)
+    run_demo(Path(a.out), algorithms=a.algorithms.split(","), steps=a.steps, threads=a.threads or 0)
+    return 0
+
+
+def _cmd_config(a: argparse.Namespace) -> int:
+    import yaml
+
+    from semifer.config import load_config, to_dict
+
+    print(yaml.safe_dump(to_dict(load_config(a.config, list(a.set or []))), sort_keys=False), end="")
     return 0
 
 
@@ -143,7 +156,16 @@ def _cmd_predict(a: argparse.Namespace) -> int:
             if a.abaw:
                 print("ABAW files are written by the merge: semifer predict --merge OUT --abaw ...")
             print(f"shard {shard} done; when all {shard.count} are: semifer predict --merge {a.out}")
+    if rep.skips.total and rep.frames == 0 and not rep.reused:
+        # Nothing usable at all: the reasons first, and a failing exit status for scripts.
+        print(f"semifer predict: no input could be read ({rep.skips.total} skipped):", file=sys.stderr)
+        for reason, n in rep.skips.counts.most_common():
+            print(f"  {n} x {reason}: {', '.join(rep.skips.examples.get(reason, []))}", file=sys.stderr)
+        print(rep.summary(), file=sys.stderr)
+        return 1
     print(rep.summary())
+    if rep.skips.total:
+        print(f"skipped {rep.skips.total} input(s): {rep.skips.summary()}")
     for f in rep.abaw_files:
         print(f"ABAW: {f}")
     return 0
@@ -222,17 +244,26 @@ def _cmd_list(kind: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from semifer import __version__
+
     p = argparse.ArgumentParser(prog="semifer", description="Semi-supervised facial-expression recognition.")
+    p.add_argument("--version", action="version", version=f"semifer {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train or resume a run")
+    t = sub.add_parser("train", help="train or resume a run", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       epilog="Every config key (data.*, model.*, ssl.*, optim.*, run.*) with its default: "
+                              "`semifer config` (add --config F / --set K=V to see them resolved). Without --labeled the run uses "
+                              "the embedded synthetic demo faces; with it, nothing synthetic is mixed in and, "
+                              "without --val, 10%% of the labeled set is held out for checkpoint selection.")
     t.add_argument("--config", help="YAML config (see configs/)")
     t.add_argument("--algorithm", help="registered algorithm (semifer algorithms)")
     t.add_argument("--out", help="run directory (resumed if it exists)")
     t.add_argument("--steps", type=int, help="total training steps")
     t.add_argument("--labeled", help="FORMAT:PATH of the labeled set")
     t.add_argument("--unlabeled", action="append", help="FORMAT:PATH of an unlabeled source (repeatable)")
-    t.add_argument("--val", help="FORMAT:PATH of the validation set")
+    t.add_argument("--val", help="FORMAT:PATH of the validation set (default: data.val_fraction of --labeled)")
+    t.add_argument("--test", help="FORMAT:PATH scored once at the end with the checkpoint chosen on val")
+    t.add_argument("--threads", type=int, help="CPU threads (default: the allowed CPUs not busy with other work)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. ssl.tau=0.9")
     t.add_argument("--stop-after", type=int, help="stop this invocation after N steps (resume later)")
     t.add_argument("--pretrained", metavar="PATH",
@@ -258,8 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train supervised vs SSL on the embedded synthetic faces")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--algorithms", default="supervised,dtm", help="comma-separated; add fixmatch etc. (about 2.5 min each)")
+    d.add_argument("--algorithms", default="supervised,dtm", help="comma-separated; add fixmatch etc. (README gives "
+                   "measured times: 2-8 min each on 2 CPU cores)")
     d.add_argument("--steps", type=int, default=None, help="override the demo's step count")
+    d.add_argument("--threads", type=int, help="CPU threads (default: the allowed CPUs not busy with other work)")
+
+    cf = sub.add_parser("config", help="print every config key with its default (or resolved with --config/--set)")
+    cf.add_argument("--config", help="YAML config to resolve")
+    cf.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    cf.set_defaults(func=_cmd_config)
     d.set_defaults(func=_cmd_demo)
 
     pr = sub.add_parser("prepare", help="detect, align and crop faces of images, folders and videos")

@@ -25,9 +25,15 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where images come from. Sources are ``FORMAT:PATH`` strings (``semifer formats``)."""
 
-    labeled: str = "synthetic:labeled"
-    unlabeled: list[str] = field(default_factory=lambda: ["synthetic:unlabeled"])
-    val: str = "synthetic:test"
+    # All empty = the embedded synthetic demo faces (labeled / unlabeled / val / test splits).
+    # With a labeled source given, nothing synthetic is ever filled in: unlabeled is what is
+    # named here (plus the labeled source's rest), and without ``val`` a class-stratified
+    # ``val_fraction`` of the labeled source is held out for checkpoint selection (split.json).
+    labeled: str = ""
+    unlabeled: list[str] = field(default_factory=list)
+    val: str = ""
+    test: str = ""                   # optional: scored once with the checkpoint selected on val
+    val_fraction: float = 0.1
     image_size: int = 48
     channels: int = 3
     # Keep only a class-stratified subset of the labeled source (one of the two, 0 = all).
@@ -41,6 +47,7 @@ class DataConfig:
     synthetic_seed: int = 0
     synthetic_labeled_per_class: int = 25
     synthetic_unlabeled: int = 6000
+    synthetic_val_per_class: int = 50
     synthetic_test_per_class: int = 100
 
 
@@ -152,6 +159,7 @@ class RunConfig:
     checkpoint_every: int = 100
     eval_batch_size: int = 512
     progress: bool = True
+    threads: int = 0                 # CPU threads for torch; 0 = the allowed CPUs not busy with other work
 
 
 @dataclass
@@ -270,7 +278,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = merge(data, loaded)
     for o in overrides or []:
         data = merge(data, parse_override(o))
-    return from_dict(TrainConfig, data)
+    return resolve_data(from_dict(TrainConfig, data))
+
+
+DEMO_SOURCES = {"labeled": "synthetic:labeled", "unlabeled": ["synthetic:unlabeled"], "val": "synthetic:val",
+                "test": "synthetic:test"}
+
+
+def resolve_data(cfg: TrainConfig) -> TrainConfig:
+    """Fill in the embedded demo faces when (and only when) no labeled source is named.
+
+    A run on the user's own labeled data never gets synthetic unlabeled, val or test data
+    by default (issue 13): those stay empty and the trainer carves val from the labeled set.
+    """
+    d = cfg.data
+    if not d.labeled:  # demo mode: what is not named comes from the demo faces
+        d.labeled = DEMO_SOURCES["labeled"]
+        d.unlabeled = d.unlabeled or list(DEMO_SOURCES["unlabeled"])
+        d.val = d.val or DEMO_SOURCES["val"]
+        d.test = d.test or DEMO_SOURCES["test"]
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if not d.val and d.val_fraction <= 0:
+        raise ConfigError("no validation data: set data.val (FORMAT:PATH) or data.val_fraction > 0 to hold "
+                          "out part of data.labeled")
+    return cfg
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

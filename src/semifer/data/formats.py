@@ -68,18 +68,19 @@ def _load_uncached(spec: str, cfg: DataConfig) -> ImageSet:
 
 
 @lru_cache(maxsize=4)
-def _synthetic_splits(seed: int, size: int, labeled_per_class: int, unlabeled: int, test_per_class: int) -> dict:
+def _synthetic_splits(seed: int, size: int, labeled_per_class: int, unlabeled: int, test_per_class: int,
+                      val_per_class: int) -> dict:
     from semifer.data.synthetic import make_demo_splits
 
     return make_demo_splits(seed=seed, size=size, labeled_per_class=labeled_per_class,
-                            unlabeled=unlabeled, test_per_class=test_per_class)
+                            unlabeled=unlabeled, test_per_class=test_per_class, val_per_class=val_per_class)
 
 
 @FORMATS.register("synthetic")
 def synthetic(path: str, cfg: DataConfig) -> ImageSet:
-    """Embedded procedurally drawn demo faces; PATH is the split: labeled, unlabeled or test."""
+    """Embedded procedurally drawn demo faces; PATH is the split: labeled, unlabeled, val or test."""
     splits = _synthetic_splits(cfg.synthetic_seed, cfg.image_size, cfg.synthetic_labeled_per_class,
-                               cfg.synthetic_unlabeled, cfg.synthetic_test_per_class)
+                               cfg.synthetic_unlabeled, cfg.synthetic_test_per_class, cfg.synthetic_val_per_class)
     if path not in splits:
         raise ValueError(f"synthetic split {path!r} does not exist; choose one of {sorted(splits)}")
     s = splits[path]

@@ -602,9 +602,10 @@ def _render(n: int, classes: torch.Tensor, ident: torch.Tensor, *, size: int, se
                           identities=ident + identity_offset)
 
 
-_SPLIT_CODES = {"labeled": 11, "unlabeled": 12, "test": 13}
+_SPLIT_CODES = {"labeled": 11, "unlabeled": 12, "test": 13, "val": 14}
 _LABELED_IDENTITIES = 12
 _TEST_IDENTITIES = 150
+_VAL_IDENTITIES = 75
 
 
 def make_demo_splits(
@@ -615,21 +616,24 @@ def make_demo_splits(
     unlabeled: int = 6000,
     test_per_class: int = 100,
     unlabeled_prior: Sequence[float] | None = None,
+    val_per_class: int = 50,
 ) -> dict[str, SyntheticSplit]:
-    """The embedded demo dataset: ``{"labeled", "unlabeled", "test"}``.
+    """The embedded demo dataset: ``{"labeled", "unlabeled", "val", "test"}``.
 
     * labeled: ``labeled_per_class`` (at most 30) images per class from 12 identities;
     * unlabeled: ``unlabeled`` images from other identities (about 4 images per
       identity), classes drawn from ``unlabeled_prior`` (default
       :data:`DEFAULT_UNLABELED_PRIOR`), ``labels`` all -1;
-    * test: ``test_per_class`` images per class from 150 further identities.
+    * val: ``val_per_class`` images per class from 75 further identities (checkpoint selection);
+    * test: ``test_per_class`` images per class from 150 further identities (scored once, with
+      the checkpoint chosen on val).
 
     Identity ids never overlap between splits. Deterministic in ``seed``.
     """
     if not 1 <= labeled_per_class <= _MAX_LABELED_PER_CLASS:
         raise ValueError(f"labeled_per_class must be in [1, {_MAX_LABELED_PER_CLASS}], got {labeled_per_class}")
-    if unlabeled < 0 or test_per_class < 1:
-        raise ValueError("unlabeled must be >= 0 and test_per_class >= 1")
+    if unlabeled < 0 or test_per_class < 1 or val_per_class < 1:
+        raise ValueError("unlabeled must be >= 0, test_per_class and val_per_class >= 1")
     prior = DEFAULT_UNLABELED_PRIOR if unlabeled_prior is None else tuple(unlabeled_prior)
     n_unl_ids = max(1, unlabeled // 4)
     offsets = {"labeled": 0, "unlabeled": _LABELED_IDENTITIES, "test": _LABELED_IDENTITIES + n_unl_ids}
@@ -647,7 +651,12 @@ def make_demo_splits(
     test = render_faces(NUM_CLASSES * test_per_class, per_class(test_per_class), size=size,
                         seed=sub("test"), identity_offset=offsets["test"],
                         identities_count=_TEST_IDENTITIES, balanced_identities=True)
-    return {"labeled": labeled, "unlabeled": unl, "test": test}
+    # The val split comes after every other split's identities and draws from its own seed, so
+    # adding it left the labeled, unlabeled and test faces exactly as they were.
+    val = render_faces(NUM_CLASSES * val_per_class, per_class(val_per_class), size=size,
+                       seed=sub("val"), identity_offset=offsets["test"] + _TEST_IDENTITIES,
+                       identities_count=_VAL_IDENTITIES, balanced_identities=True)
+    return {"labeled": labeled, "unlabeled": unl, "val": val, "test": test}
 
 
 def save_grid(split: SyntheticSplit, path: str | Path, n_per_class: int = 8, *, scale: int = 2) -> Path:

@@ -220,6 +220,9 @@ def _plot_macro_f1(records: list[dict], path: Path) -> Path | None:
 def _plot_loss(records: list[dict], path: Path) -> Path | None:
     series = [(k, *_series(records, "train", k)) for k in ("loss", "loss_x", "loss_u")]
     series = [s for s in series if len(s[1])]
+    if not any(k == "loss_u" for k, *_ in series):
+        # Supervised: loss == loss_x, and one line would hide the other.
+        series = [s for s in series if s[0] != "loss_x"]
     if not series:
         return None
     fig, (ax,) = _new_figure(7.0, 4.0)

@@ -72,9 +72,11 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device, amp: torch.
     rank, world = dist.rank(), dist.world_size()
     pin = device.type == "cuda"  # pinned host batches: host->device copies run async (non_blocking)
     C = NUM_CLASSES
-    labeled, rest = _split_labeled(_labeled(load_source(cfg.data.labeled, cfg.data)), cfg, run_dir)
+    source = _nonempty(_labeled(load_source(cfg.data.labeled, cfg.data)), cfg.data.labeled, "data.labeled")
+    labeled, val, rest = _split_labeled(source, cfg, run_dir)
     labeled, holdout = _split_holdout(labeled, cfg, run_dir)
-    val = _labeled(load_source(cfg.data.val, cfg.data))
+    if val is None:
+        val = _nonempty(_labeled(load_source(cfg.data.val, cfg.data)), cfg.data.val, "data.val")
     model = build_model(cfg.model, C, in_chans=cfg.data.channels).to(device)
     if cfg.optim.channels_last is True or (cfg.optim.channels_last == "auto" and amp is not None):
         model = model.to(memory_format=torch.channels_last)  # the EMA teacher copies it below
@@ -93,6 +95,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device, amp: torch.
     unlabeled, unl_src, num_unlabeled = None, None, None
     if _algorithm_uses_unlabeled(cfg.ssl.algorithm):
         unlabeled, unl_src, num_unlabeled = _unlabeled_source(cfg, rest, rank, world, pin)
+    if dist.is_main():
+        describe_sources(cfg, labeled, val, holdout, unlabeled, num_unlabeled)
     algo = build_algorithm(cfg.ssl, C, labeled.class_counts(C), num_unlabeled=num_unlabeled,
                            imbalance=cfg.optim.imbalance).to(device)
     algo.bind(unlabeled=unlabeled, holdout=holdout)
@@ -145,7 +149,7 @@ def _unlabeled_source(cfg: TrainConfig, rest: ImageSet | None, rank: int, world:
     if cfg.data.unlabeled_weights:
         raise ValueError("data.unlabeled_weights applies to streamed sources; in-memory sets are "
                          "concatenated and sampled uniformly")
-    sets = [load_source(s, cfg.data) for s in cfg.data.unlabeled]
+    sets = [_nonempty(load_source(s, cfg.data), s, "data.unlabeled") for s in cfg.data.unlabeled]
     if rest is not None and cfg.data.rest_as_unlabeled:
         sets.append(rest)
     if not sets:
@@ -178,21 +182,73 @@ def _labeled(data: ImageSet) -> ImageSet:
     return data
 
 
-def _split_labeled(data: ImageSet, cfg: TrainConfig, run_dir: Path) -> tuple[ImageSet, ImageSet | None]:
-    """Apply data.labeled_fraction / labeled_per_class; the rest keeps its labels only as hidden truth."""
+def _nonempty(data: ImageSet, spec: str, key: str) -> ImageSet:
+    if len(data) == 0:
+        raise ValueError(f"{key} = {spec!r}: no usable images" + (f" (skipped: {data.skipped})" if data.skipped else ""))
+    return data
+
+
+def _split_labeled(data: ImageSet, cfg: TrainConfig, run_dir: Path
+                   ) -> tuple[ImageSet, ImageSet | None, ImageSet | None]:
+    """(labeled, carved val or None, rest or None) from the labeled source; written to split.json.
+
+    Without ``data.val`` a class-stratified ``data.val_fraction`` of the source is set aside
+    first, so validation faces are never trained on (not even as unlabeled). Then
+    ``data.labeled_fraction`` / ``labeled_per_class`` keep a subset; the rest keeps its labels
+    only as hidden truth (diagnostics) and joins the unlabeled set by default.
+    """
     d = cfg.data
-    if d.labeled_fraction <= 0 and d.labeled_per_class <= 0:
-        return data, None
-    chosen, rest = stratified_subset(data.labels, fraction=d.labeled_fraction, per_class=d.labeled_per_class,
-                                     seed=d.split_seed)
-    if dist.is_main():
-        save_split(run_dir / "split.json", chosen, rest,
-                   {"source": d.labeled, "fraction": d.labeled_fraction, "per_class": d.labeled_per_class,
-                    "seed": d.split_seed, "num_samples": len(data)})
-    lab = ImageSet(data.images[chosen], data.labels[chosen], name=f"{data.name} (labeled split)", skipped=data.skipped)
-    unl = ImageSet(data.images[rest], torch.full((len(rest),), -1, dtype=torch.long), data.labels[rest],
-                   name=f"{data.name} (rest, unlabeled)")
-    return lab, unl
+    index = torch.arange(len(data))
+    meta: dict = {"source": d.labeled, "num_samples": len(data), "seed": d.split_seed}
+    val = None
+    if not d.val:
+        v, index = stratified_subset(data.labels, fraction=d.val_fraction, seed=d.split_seed + 2)
+        if len(index) == 0:
+            raise ValueError(f"data.labeled = {d.labeled!r}: data.val_fraction {d.val_fraction} leaves nothing to train on")
+        val = ImageSet(data.images[v], data.labels[v], name=f"{data.name} (val split, {d.val_fraction:g})")
+        meta.update(val_fraction=d.val_fraction, val=v.tolist())
+    rest = None
+    if d.labeled_fraction > 0 or d.labeled_per_class > 0:
+        chosen, left = stratified_subset(data.labels[index], fraction=d.labeled_fraction,
+                                         per_class=d.labeled_per_class, seed=d.split_seed)
+        chosen, left = index[chosen], index[left]
+        meta.update(fraction=d.labeled_fraction, per_class=d.labeled_per_class)
+        rest = ImageSet(data.images[left], torch.full((len(left),), -1, dtype=torch.long), data.labels[left],
+                        name=f"{data.name} (rest, unlabeled)")
+        index = chosen
+    if dist.is_main() and (val is not None or rest is not None):
+        save_split(run_dir / "split.json", index, rest_index(len(data), index, meta.get("val", [])), meta)
+    if val is None and rest is None:
+        return data, None, None
+    lab = ImageSet(data.images[index], data.labels[index], name=f"{data.name} (labeled split)", skipped=data.skipped)
+    return lab, val, rest
+
+
+def rest_index(n: int, labeled: torch.Tensor, val: list[int]) -> torch.Tensor:
+    """Indices of ``n`` that are neither labeled nor val (sorted)."""
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[labeled] = False
+    mask[torch.tensor(val, dtype=torch.long)] = False
+    return torch.nonzero(mask).flatten()
+
+
+def describe_sources(cfg: TrainConfig, labeled: ImageSet, val: ImageSet, holdout: ImageSet | None,
+                     unlabeled: ImageSet | None, num_unlabeled: int | None) -> None:
+    """Say on the console what every data set of the run is and how big it is."""
+    d = cfg.data
+    demo = d.labeled.startswith("synthetic:")
+    print(f"semifer: data{' (the embedded synthetic demo faces)' if demo else ''}:")
+    print(f"  labeled    {d.labeled}: {len(labeled)} images trained on"
+          + (f", {len(holdout)} held out for DTM's calibration" if holdout is not None else ""))
+    print(f"  val        {d.val or f'{d.val_fraction:g} of {d.labeled} (split.json)'}: {len(val)} images "
+          "(checkpoint selection)")
+    if _algorithm_uses_unlabeled(cfg.ssl.algorithm):
+        names = list(d.unlabeled) + (["the labeled source's rest"] if d.rest_as_unlabeled and
+                                     (d.labeled_fraction > 0 or d.labeled_per_class > 0) else [])
+        size = "streamed" if num_unlabeled is None else f"{num_unlabeled} images"
+        print(f"  unlabeled  {', '.join(names) or '(none)'}: {size}")
+    if d.test:
+        print(f"  test       {d.test}: scored once at the end with the selected checkpoint")
 
 
 def _split_holdout(labeled: ImageSet, cfg: TrainConfig, run_dir: Path) -> tuple[ImageSet, ImageSet | None]:

@@ -38,6 +38,7 @@ class RunResult:
     best: dict                  # val scores of the best checkpoint (macro_f1, accuracy, per_class_f1, confusion)
     wall_s: float               # training wall time summed over all resumptions
     plots: list[Path] = field(default_factory=list)
+    test: dict | None = None    # data.test scores of the checkpoint selected on val (when data.test is set)
 
     @property
     def macro_f1(self) -> float:
@@ -83,6 +84,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     """
     dist.init_from_env()
     device = resolve_device(cfg.run.device)
+    if device.type == "cpu":
+        from semifer.engine.threads import apply_threads
+        apply_threads(cfg.run.threads, verbose=dist.is_main())
     # Rank 0 writes config.yaml first; the others compare against the finished file, not a half-written one.
     run_dir = prepare_run_dir(cfg, write=True) if dist.is_main() else None
     dist.barrier()
@@ -96,7 +100,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
         logger.log({"kind": "info", "step": 0, "labeled": len(run.labeled), "val": len(run.val),
                     "holdout": len(run.holdout) if run.holdout is not None else 0,
                     "unlabeled": run.num_unlabeled if run.num_unlabeled is not None else "streamed",
-                    "device": str(device), "world_size": dist.world_size(), "amp": str(run.amp), "skipped": skipped,
+                    "device": str(device), "threads": torch.get_num_threads(), "world_size": dist.world_size(), "amp": str(run.amp), "skipped": skipped,
                     **({"pretrained": run.pretrained.as_dict()} if run.pretrained is not None else {})})
     total = cfg.optim.steps
     end = total if stop_after is None else min(total, state.step + stop_after)
@@ -116,9 +120,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     completed = state.step >= total
     best, step, wall_s = state.best, state.step, state.wall_s
     plots: list[Path] = []
+    test = None
     if dist.is_main():
         if completed:
-            _write_results(run_dir, cfg, best, step, wall_s, skipped)
+            test = score_test(run) if cfg.data.test else None
+            _write_results(run_dir, cfg, best, step, wall_s, skipped, test)
         for name, counts in skipped.items():
             print(f"semifer: {name}: skipped {sum(counts.values())} unusable inputs {counts}")
         logger.log({"kind": "info", "step": step, "event": "end", "completed": completed, "wall_s": wall_s})
@@ -128,15 +134,34 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     else:
         logger.close()
     return RunResult(run_dir, cfg.ssl.algorithm, step, completed, int(best.get("step", -1)),
-                     {k: v for k, v in best.items() if k != "step"}, wall_s, plots)
+                     {k: v for k, v in best.items() if k != "step"}, wall_s, plots, test)
+
+
+def score_test(run) -> dict:
+    """Scores on ``data.test`` of the checkpoint selected on val (best.pt), computed once at the end."""
+    from semifer.data.formats import load_source
+    from semifer.engine.checkpoint import load_checkpoint
+    from semifer.eval.evaluate import evaluate_model
+
+    cfg = run.cfg
+    test = load_source(cfg.data.test, cfg.data)
+    if len(test) == 0 or (test.labels < 0).any():
+        raise ValueError(f"data.test = {cfg.data.test!r}: needs labeled images ({len(test)} found)")
+    ck = load_checkpoint(run.run_dir / BEST, map_location=run.device)
+    model = run.ema.module
+    model.load_state_dict(ck["model"])
+    scores = evaluate_model(model, test.images, test.labels, batch_size=cfg.run.eval_batch_size,
+                            device=run.device, amp_dtype=run.amp)
+    return {"data": cfg.data.test, "checkpoint_step": int(ck["step"]), **scores}
 
 
 def _write_results(run_dir: Path, cfg: TrainConfig, best: dict, steps: int, wall_s: float,
-                   skipped: dict | None = None) -> None:
+                   skipped: dict | None = None, test: dict | None = None) -> None:
     out = {"algorithm": cfg.ssl.algorithm, "steps": steps, "wall_s": wall_s, "best_step": best.get("step"),
            "macro_f1": best.get("macro_f1"), "accuracy": best.get("accuracy"),
            "per_class_f1": best.get("per_class_f1"), "confusion": best.get("confusion"),
-           "skipped": skipped or {}}
+           "val": cfg.data.val or f"{cfg.data.val_fraction:g} of {cfg.data.labeled} (split.json)",
+           "skipped": skipped or {}, **({"test": test} if test is not None else {})}
     tmp = run_dir / (RESULTS + ".tmp")
     tmp.write_text(json.dumps(to_plain(out), indent=2))
     tmp.replace(run_dir / RESULTS)

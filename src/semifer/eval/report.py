@@ -40,9 +40,12 @@ def load_model(path: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, 
 
 
 def evaluate_path(path: Path | str, data: str | None = None, device: str = "cpu", batch_size: int = 512) -> dict:
-    """Scores of the saved model on ``data`` (``FORMAT:PATH``; default: the run's val source)."""
+    """Scores of the saved model on ``data`` (``FORMAT:PATH``; default: the run's test, else val source)."""
     model, cfg, ckpt = load_model(path, device)
-    spec = data or cfg.data.val
+    spec = data or cfg.data.test or cfg.data.val
+    if not spec:
+        raise ValueError(f"{path}: the run's validation split was carved from {cfg.data.labeled} (split.json) "
+                         "and it names no test set; pass the data to score (--data FORMAT:PATH)")
     ds = load_source(spec, cfg.data)
     if (ds.labels < 0).any():
         raise ValueError(f"{spec}: evaluation data must be fully labeled")

@@ -96,13 +96,25 @@ class Smoother:
 
 
 def _annotate(rgb: np.ndarray, boxes: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Box and "Label 0.87" on a dark box above each face, the text sized to the face (legible at any scale)."""
+    from PIL import ImageFont
+
     img = Image.fromarray(rgb)
     draw = ImageDraw.Draw(img)
     width = max(2, round(max(rgb.shape[:2]) / 300))
     for box, p in zip(boxes, probs):
         k = int(p.argmax())
+        x0, y0, x1, _ = (float(v) for v in box)
         draw.rectangle([float(v) for v in box], outline=(255, 220, 0), width=width)
-        draw.text((float(box[0]), max(0.0, float(box[1]) - 12)), f"{ABAW_LABELS[k]} {p[k]:.2f}", fill=(255, 220, 0))
+        size = int(np.clip((x1 - x0) / 6, 12, 64))  # about a sixth of the face width
+        font = ImageFont.load_default(size=size)
+        text = f"{ABAW_LABELS[k]} {p[k]:.2f}"
+        tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), text, font=font)
+        pad = max(2, size // 6)
+        h = ty1 - ty0 + 2 * pad
+        top = y0 - h if y0 - h >= 0 else y0  # above the box, or inside it at the top edge of the photo
+        draw.rectangle([x0, top, x0 + tx1 - tx0 + 2 * pad, top + h], fill=(0, 0, 0))
+        draw.text((x0 + pad - tx0, top + pad - ty0), text, fill=(255, 220, 0), font=font)
     return np.asarray(img)
 
 
