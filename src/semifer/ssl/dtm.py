@@ -31,12 +31,17 @@ from semifer.ssl.thresholds import ThresholdPolicy
 MAX_SHIFT = 3.0  # largest factor by which the label-shift correction may move a class's odds
 
 
-def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = 0.01,
+def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, prior: float = 8.0,
                     iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature T and per-class bias b minimising NLL of softmax(logits / T + b) on (logits, labels).
 
-    ``l2`` pulls b toward 0, so a class with a handful of held-out faces keeps a bias near
-    0 instead of one fitted to noise. Runs on the CPU in float64 (C + 1 parameters).
+    A zero-mean Gaussian prior on b and log T, worth ``prior`` held-out faces, keeps the
+    fit honest on small slices: the penalty is (prior / n) * (|b|^2 + (log T)^2) next to the
+    mean NLL of n faces, so 16 held-out faces (the demo) barely move T and b away from the
+    identity while 1,400 (FER2013 at 5 %) are fitted almost freely. Without it, 16 faces gave
+    a bias of -0.7 against Neutral and T = 0.67, and the thresholds then let through
+    pseudo-labels that were 10-35 % right at an estimated 80 %.
+    Runs on the CPU in float64 (C + 1 parameters).
     """
     z = logits.detach().double().cpu()
     y = labels.detach().long().cpu()
@@ -45,10 +50,11 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
     if z.shape[0] == 0:
         return torch.ones(1), torch.zeros(num_classes)
     opt = torch.optim.LBFGS([log_t, bias], lr=0.5, max_iter=iters, line_search_fn="strong_wolfe")
+    weight = prior / z.shape[0]
 
     def closure():
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(z / log_t.exp() + bias, y) + l2 * (bias ** 2).sum()
+        loss = nn.functional.cross_entropy(z / log_t.exp() + bias, y) + weight * ((bias ** 2).sum() + (log_t ** 2).sum())
         loss.backward()
         return loss
 
