@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -41,8 +42,26 @@ def allowed_cpus() -> int:
     return max(1, n)
 
 
-def busy_cpus() -> int:
-    """CPUs kept busy by other processes right now (1-minute load average, rounded), 0 if unknown."""
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of the whole machine from /proc/stat, None where there is none."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def busy_cpus(window_s: float = 0.3) -> int:
+    """CPUs other processes keep busy now: machine-wide utilisation over ``window_s`` (this
+    process sleeps meanwhile) times the CPU count, rounded; the 1-minute load average where
+    /proc/stat is missing (it lags a started or stopped job by a minute)."""
+    a = _cpu_times()
+    if a is not None:
+        time.sleep(window_s)
+        b = _cpu_times()
+        if b is not None and b[1] > a[1]:
+            util = 1.0 - (b[0] - a[0]) / (b[1] - a[1])
+            return int(round(max(0.0, util) * (os.cpu_count() or 1)))
     try:
         return int(round(os.getloadavg()[0]))
     except (OSError, AttributeError):
