@@ -18,6 +18,11 @@ def test_demo_writes_results_and_plots(tmp_path, capsys):
         assert 0.0 <= r["macro_f1"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
         assert r["steps"] == 4
         assert (Path(r["run_dir"]) / "plots" / "macro_f1.png").exists()
+        # Chosen on synthetic:val, reported on synthetic:test (issue 13).
+        run = json.loads((Path(r["run_dir"]) / "results.json").read_text())
+        assert run["val"] == "synthetic:val" and run["test"]["data"] == "synthetic:test"
+        assert run["test"]["checkpoint_step"] == run["best_step"] == r["best_step"]
+        assert r["macro_f1"] == run["test"]["macro_f1"] and r["val_macro_f1"] == run["macro_f1"]
     assert data["wall_s"] > 0 and summary["algorithms"]["dtm"]["macro_f1"] == data["algorithms"]["dtm"]["macro_f1"]
     out = capsys.readouterr().out
     assert "| supervised |" in out and "| dtm |" in out

@@ -194,6 +194,12 @@ def _plot_pseudo_labels(records: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _val_name(records: list[dict]) -> str:
+    """The validation source the eval records score (from the run's info record)."""
+    name = next((r["val_source"] for r in records if r["kind"] == "info" and r.get("val_source")), "")
+    return f"validation set {name}" if name else "validation set"
+
+
 def _plot_macro_f1(records: list[dict], path: Path) -> Path | None:
     fstep, f1 = _series(records, "eval", "macro_f1")
     astep, acc = _series(records, "eval", "accuracy")
@@ -211,7 +217,7 @@ def _plot_macro_f1(records: list[dict], path: Path) -> Path | None:
         ax.axvline(fstep[b], color="C0", ls=":", lw=1)
         ax.plot([fstep[b]], [f1[b]], marker="*", ms=14, color="C1", zorder=5,
                 label=f"best macro-F1 {f1[b]:.4f} @ step {int(fstep[b])}")
-    ax.set(title="Evaluation", xlabel="step", ylabel="score")
+    ax.set(title=f"Evaluation on the {_val_name(records)}", xlabel="step", ylabel="score")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
@@ -291,6 +297,7 @@ def _plot_best_confusion(records: list[dict], path: Path) -> Path | None:
     else:
         best = evals[-1]
         title = f"Confusion at step {best['step']}"
+    title += f"\n{_val_name(records)}"
     return plot_confusion(best["confusion"], path, title=title)
 
 

@@ -98,6 +98,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> RunResult:
     skipped = run.skipped
     if state.step == 0:
         logger.log({"kind": "info", "step": 0, "labeled": len(run.labeled), "val": len(run.val),
+                    "val_source": cfg.data.val or f"{cfg.data.val_fraction:g} of {cfg.data.labeled} (split.json)",
                     "holdout": len(run.holdout) if run.holdout is not None else 0,
                     "unlabeled": run.num_unlabeled if run.num_unlabeled is not None else "streamed",
                     "device": str(device), "threads": torch.get_num_threads(), "world_size": dist.world_size(), "amp": str(run.amp), "skipped": skipped,
