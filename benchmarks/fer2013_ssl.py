@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,36 +38,46 @@ CONFIGS = {
     # Online SSL rows use mu 2 (a step costs 1 + 2 x 2 views per labeled image; mu 3 or more would
     # not fit the 150-minute budget), dtm (rounds) draws 1 accepted face per labeled face.
     "cpu": {"steps": 6000, "fraction": 0.05, "backbone": "small_cnn", "backbone_args": {"width": 16},
-            "batch_size": 32, "mu": 2, "rounds_mu": 1, "image_size": 48, "eval_every": 250},
+            "batch_size": 32, "mu": 2, "rounds_mu": 1, "image_size": 48, "eval_every": 250,
+            "pretrain_steps": 1500, "pretrain_batch": 128},
     # An H100/H200 schedule (docs/gpu_runbook.md): ResNet-18 at 112 px, labeled batch 128, mu 3.
     "gpu": {"steps": 2000, "fraction": 0.05, "backbone": "resnet18", "backbone_args": {"small_input": False},
             "batch_size": 128, "mu": 3, "rounds_mu": 1, "image_size": 112, "eval_every": 250,
-            "eval_batch_size": 2048},
+            "eval_batch_size": 2048, "pretrain_steps": 2000, "pretrain_batch": 256},
     # Seconds, to check the script end to end.
     "smoke": {"steps": 24, "fraction": 0.05, "backbone": "small_cnn", "backbone_args": {"width": 8},
-              "batch_size": 16, "mu": 2, "rounds_mu": 1, "image_size": 48, "eval_every": 12},
+              "batch_size": 16, "mu": 2, "rounds_mu": 1, "image_size": 48, "eval_every": 12,
+              "pretrain_steps": 4, "pretrain_batch": 16},
 }
 
 
-def row_specs(c: dict) -> dict[str, tuple[str, dict, float | None]]:
-    """Row name -> (algorithm, ssl overrides, labeled fraction or None for the setting's)."""
+def row_specs(c: dict) -> dict[str, tuple[str, dict, float | None, bool]]:
+    """Row name -> (algorithm, ssl overrides, labeled fraction or None for the setting's,
+    initialised from the stage-0 SimCLR pretraining on the unlabeled faces)."""
     s = c["steps"]
     stage0 = {"warmup_steps": s // 10, "ramp_steps": s // 10}
+    rounds = {"warmup_steps": s // 4, "rounds": 3, "mu": c["rounds_mu"]}
     return {
-        "oracle": ("supervised", {}, 0.0),
-        "supervised": ("supervised", {}, None),
-        "fixmatch": ("fixmatch", {}, None),
-        "flexmatch": ("flexmatch", {}, None),
-        "freematch": ("freematch", {}, None),
+        "oracle": ("supervised", {}, 0.0, False),
+        "supervised": ("supervised", {}, None, False),
+        "fixmatch": ("fixmatch", {}, None, False),
+        "flexmatch": ("flexmatch", {}, None, False),
+        "freematch": ("freematch", {}, None, False),
         # The shipped recipe: stage 0 = a quarter of the steps supervised, then 3 rounds.
-        "dtm": ("dtm_rounds", {"warmup_steps": s // 4, "rounds": 3, "mu": c["rounds_mu"]}, None),
-        "dtm_online": ("dtm", stage0, None),
-        "dtm_flex": ("dtm_flex", {**stage0, "threshold_warmup": False, "distribution_alignment": True}, None),
+        "dtm": ("dtm_rounds", rounds, None, False),
+        "dtm_online": ("dtm", stage0, None, False),
+        "dtm_flex": ("dtm_flex", {**stage0, "threshold_warmup": False, "distribution_alignment": True}, None, False),
+        # Stage-0 SimCLR pretraining on the unlabeled faces as the initialisation (wall time
+        # includes the pretraining).
+        "dtm_pretrained": ("dtm_rounds", rounds, None, True),
+        "supervised_pretrained": ("supervised", {}, None, True),
     }
 
 
 # Default rows, longest-waiting first (dtm_flex, the old DTM, only on request: --rows ...,dtm_flex).
-ORDER = ["dtm", "supervised", "fixmatch", "flexmatch", "freematch", "dtm_online", "oracle"]
+# The pretrained rows come first: their stage 0 (SimCLR) holds one job for most of an hour.
+ORDER = ["dtm_pretrained", "dtm", "supervised", "fixmatch", "flexmatch", "freematch", "dtm_online", "oracle",
+         "supervised_pretrained"]
 
 
 def base_config(c: dict, data: Path, out: Path, algorithm: str, steps: int, labeled_fraction: float,
@@ -85,10 +96,27 @@ def base_config(c: dict, data: Path, out: Path, algorithm: str, steps: int, labe
 
 
 def row_config(name: str, c: dict, data: Path, out: Path, steps: int | None = None):
-    alg, ssl, frac = row_specs(c).get(name, ("supervised", {}, None))
+    alg, ssl, frac, pre = row_specs(c).get(name, ("supervised", {}, None, False))
     frac = c["fraction"] if frac is None else frac
-    return base_config(c, data, out / name, alg, steps or c["steps"], frac,
-                       [f"images:{data / 'unlabeled_faces'}"], ssl)
+    cfg = base_config(c, data, out / name, alg, steps or c["steps"], frac,
+                      [f"images:{data / 'unlabeled_faces'}"], ssl)
+    if pre:
+        cfg.model.pretrained = str(out / "pretrain" / "pretrained.pt")
+    return cfg
+
+
+def pretrain_stage(c: dict, data: Path, out: Path) -> float:
+    """SimCLR on every unlabeled face (and the labeled images) into OUT/pretrain; returns its wall seconds."""
+    from semifer.engine.checkpoint import load_checkpoint
+    from semifer.ssl.pretrain import pretrain
+
+    path = out / "pretrain" / "pretrained.pt"
+    if not path.exists():
+        cfg = base_config(c, data, out / "pretrain_cfg", "supervised", c["steps"], c["fraction"],
+                          [f"images:{data / 'unlabeled_faces'}"])
+        cfg.run.progress = False
+        pretrain(cfg, out / "pretrain", c["pretrain_steps"], batch_size=c["pretrain_batch"])
+    return float(load_checkpoint(path)["pretrain"]["wall_s"])
 
 
 def scores(res) -> dict:
@@ -102,14 +130,29 @@ def scores(res) -> dict:
 def run_row(name: str, c: dict, data: Path, out: Path, steps: int | None) -> None:
     """Train one row in this process and write OUT/rows/NAME.json."""
     from semifer.engine import train
-    res = train(row_config(name, c, data, out, steps))
+    if name == "pretrain":
+        pretrain_stage(c, data, out)
+        return
+    row = scores(train(row_config(name, c, data, out, steps)))
+    if row_specs(c).get(name, (None, None, None, False))[3]:
+        row["pretrain_wall_s"] = pretrain_stage(c, data, out)   # already done: reads its wall time
+        row["wall_s"] += row["pretrain_wall_s"]
     rows = out / "rows"
     rows.mkdir(parents=True, exist_ok=True)
-    (rows / f"{name}.json").write_text(json.dumps(scores(res), indent=1))
+    (rows / f"{name}.json").write_text(json.dumps(row, indent=1))
+
+
+_PRETRAIN_LOCK = threading.Lock()
 
 
 def spawn(name: str, a, threads: int, steps: int | None = None) -> dict:
     path = a.out / "rows" / f"{name}.json"
+    if name != "pretrain" and not path.exists() and row_specs(CONFIGS[a.config]).get(name, (0, 0, 0, False))[3]:
+        with _PRETRAIN_LOCK:  # the first pretrained row runs stage 0; the others wait for it
+            if not (a.out / "pretrain" / "pretrained.pt").exists():
+                spawn("pretrain", a, threads)
+    if name == "pretrain":
+        path = a.out / "pretrain" / "pretrained.pt"
     if not path.exists():
         cmd = [sys.executable, __file__, "--config", a.config, "--out", str(a.out), "--data", str(a.data),
                "--row", name] + (["--steps", str(steps)] if steps else [])
@@ -120,7 +163,7 @@ def spawn(name: str, a, threads: int, steps: int | None = None) -> dict:
         print(f"  {name}: rc {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
         if rc != 0:
             raise SystemExit(f"row {name} failed (rc {rc}); see {a.out / (name + '.log')}")
-    return json.loads(path.read_text())
+    return {} if name == "pretrain" else json.loads(path.read_text())
 
 
 def main() -> None:
