@@ -178,3 +178,22 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "x.pt").write_bytes(b"garbage")
     assert main(["predict", str(tmp_path / "x.pt"), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a readable semifer checkpoint" in capsys.readouterr().err
+
+
+def test_annotation_label_is_legible_and_scaled_to_the_face():
+    from semifer.infer.run import _annotate
+
+    img = np.full((400, 400, 3), 128, np.uint8)
+    probs = np.eye(8, dtype=np.float32)[[4, 4]]
+    small = _annotate(img, np.array([[50.0, 60.0, 110.0, 120.0]]), probs[:1])
+    large = _annotate(img, np.array([[50.0, 160.0, 350.0, 390.0]]), probs[:1])
+
+    def label_height(out, top):  # rows above the box that the dark label background covers
+        col = out[:top, 55]
+        return int((col.sum(axis=1) < 60).sum())
+
+    h_small, h_large = label_height(small, 60), label_height(large, 160)
+    assert h_small >= 12 and h_large > 2 * h_small      # readable at minimum, grows with the face
+    # Yellow text pixels inside the dark box.
+    box = large[160 - h_large:160, 50:300]
+    assert ((box[..., 0] > 200) & (box[..., 1] > 180) & (box[..., 2] < 80)).sum() > 50
