@@ -48,7 +48,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> boo
 def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tiny_data, tmp_path):
     torch.set_num_threads(1)
     sections = {"optim": {"batch_size": 16, "steps": 24, "lr": 0.05},
-                "run": {"log_every": 2, "eval_every": 4, "checkpoint_every": 2, "progress": False}}
+                "run": {"log_every": 2, "eval_every": 4, "checkpoint_every": 2, "progress": False,
+                        # the workers run with one thread; so must the reference (results depend on it)
+                        "threads": 1}}
     ref = train(tiny_config(tiny_data, tmp_path / "ref", steps=24, **sections))
     cfg = tiny_config(tiny_data, tmp_path / "killed", steps=24, **sections)
     cfg_path = tmp_path / "killed.yaml"
