@@ -41,6 +41,9 @@ class DataConfig:
     labeled_per_class: int = 0
     split_seed: int = 0
     rest_as_unlabeled: bool = True   # the labeled source's left-out images join the unlabeled set
+    # View of the labeled batch: weak = flip + shift (FixMatch's); strong = RandAugment + Cutout
+    # on top (for long fully supervised schedules, where a weak view lets the model memorise)
+    labeled_augment: Literal["weak", "strong"] = "weak"
     num_workers: int = 2             # decoding workers for streamed unlabeled sources
     unlabeled_weights: list[float] = field(default_factory=list)  # mixing weights of streamed sources (default equal)
     # Embedded demo data (used by the ``synthetic`` format only).

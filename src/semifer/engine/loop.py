@@ -51,7 +51,8 @@ def run_steps(run: Run, state: TrainState, logger: RunLogger, end: int, bar=None
         # world-W run augments every sample as one process with a W x batch would.
         gen, shard = step_generator(cfg.run.seed, step, 0, 0, device), (rank, world)
         # Pinned sources on CUDA: no copy below waits for the device (a pageable copy would).
-        batch = {"x_l": weak_view(lb["x"].to(device, non_blocking=True), gen, shard=shard),
+        labeled_view = strong_view if cfg.data.labeled_augment == "strong" else weak_view
+        batch = {"x_l": labeled_view(lb["x"].to(device, non_blocking=True), gen, shard=shard),
                  "y_l": lb["y"].to(device, non_blocking=True)}
         if run.unl_src is not None and algo.wants_unlabeled(step):
             ub = _unlabeled_batch(algo, run.unl_src, run.unlabeled, step, cfg, rank, world)
