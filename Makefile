@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	# torch/torchvision first, pinned: pip finds these exact builds on local disk.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[test]"
+	# MTCNN face detector (weights inside the wheel). Its metadata pins torch<2.3, which its code
+	# does not need (tests/test_faces.py runs it on this torch): installed without dependencies.
+	$(PY) -m pip install -q --no-deps facenet-pytorch==2.6.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -159,3 +159,89 @@ def test_scrfd_needs_a_model_file(tmp_path):
         build_detector("scrfd", model=str(tmp_path / "none.onnx"))
     with pytest.raises(KeyError, match="registered: .*dlib"):
         build_detector("haar")
+
+
+# ----------------------------------------------------------------------------- face frames
+
+
+def test_frame_templates_map_arcface_points_through_the_frame():
+    from semifer.faces.align import FRAMES, frame_template
+
+    np.testing.assert_allclose(frame_template("arcface5", "arcface112"), ARCFACE_112)
+    np.testing.assert_allclose(frame_template("arcface5", "arcface112", 48), ARCFACE_112 * 48 / 112)
+    fer = frame_template("arcface5", "fer2013", 48)
+    # FER2013's crops are tighter than ArcFace's: the face is larger and the eyes sit higher
+    assert np.ptp(fer[:, 0]) > 1.05 * np.ptp(ARCFACE_112[:, 0]) * 48 / 112
+    assert fer[:2, 1].mean() < ARCFACE_112[:2, 1].mean() * 48 / 112
+    assert abs(fer[:, 0].mean() - 24) < 1.5  # centred
+    with pytest.raises(KeyError, match="known"):
+        frame_template("arcface5", "nope")
+    assert set(FRAMES) >= {"arcface112", "fer2013"}
+
+
+def test_align_in_the_fer2013_frame_puts_landmarks_on_its_template():
+    from semifer.faces.align import frame_template
+
+    img = np.zeros((300, 400, 3), np.uint8)
+    lm = 1.8 * ARCFACE_112 + np.array([120.0, 40.0])
+    for x, y in lm:
+        img[int(round(y)) - 2:int(round(y)) + 3, int(round(x)) - 2:int(round(x)) + 3] = 255
+    crop = align_face(img, lm, "arcface5", 112, frame="fer2013")
+    for x, y in frame_template("arcface5", "fer2013", 112):
+        assert crop[int(round(y)), int(round(x))].min() > 100
+    tight = (crop > 100).any(2).sum()
+    loose = (align_face(img, lm, "arcface5", 112) > 100).any(2).sum()
+    assert tight > 1.1 * loose  # the same dots cover more pixels in the tighter frame
+
+
+def test_face_frame_is_checked_and_free_to_change_on_resume(tmp_path):
+    from semifer.config import ConfigError, load_config
+    from semifer.engine.rundir import prepare_run_dir
+
+    with pytest.raises(ConfigError, match="face_frame"):
+        load_config(overrides=["data.face_frame=fer2014"])
+    cfg = load_config(overrides=[f"run.out={tmp_path / 'r'}"])
+    prepare_run_dir(cfg)
+    (tmp_path / "r" / "checkpoints").mkdir()
+    (tmp_path / "r" / "checkpoints" / "last.pt").write_bytes(b"")
+    cfg.data.face_frame = "fer2013"
+    prepare_run_dir(cfg)  # describes the crops only: the run still resumes
+    cfg.optim.lr = 0.5
+    with pytest.raises(RuntimeError, match="different config"):
+        prepare_run_dir(cfg)
+
+
+# ----------------------------------------------------------------------------- MTCNN
+
+
+@pytest.fixture(scope="module")
+def mtcnn():
+    pytest.importorskip("facenet_pytorch", reason="facenet-pytorch (make install adds it) is not installed")
+    from semifer.faces import build_detector
+
+    return build_detector("mtcnn")
+
+
+def test_mtcnn_finds_the_astronaut_and_refits_her_in_a_moved_frame(mtcnn):
+    img = skdata.astronaut()
+    faces = mtcnn(img)
+    assert len(faces) == 1 and faces[0].scheme == "arcface5"
+    x1, y1, x2, y2 = faces[0].box
+    assert 150 < x1 < x2 < 290 and 40 < y1 < y2 < 190
+    lm = faces[0].landmarks
+    assert lm[0, 0] < lm[1, 0] and lm[3, 0] < lm[4, 0]      # eyes, mouth corners left to right
+    assert lm[:2, 1].max() < lm[2, 1] < lm[3:, 1].min()      # eyes above nose above mouth
+    moved = np.roll(img, (6, 9), axis=(0, 1))
+    refit = mtcnn.refine(moved, faces)
+    assert len(refit) == 1
+    assert np.abs(refit[0].landmarks - mtcnn(moved)[0].landmarks).max() < 4.0
+    assert np.abs(refit[0].landmarks - lm - [9, 6]).max() < 4.0
+    assert mtcnn.refine(skdata.coffee(), faces) == []  # no face there any more
+
+
+@pytest.mark.parametrize("name", ["coffee", "chelsea", "rocket", "brick"])
+def test_mtcnn_pictures_without_faces(mtcnn, name):
+    img = getattr(skdata, name)()
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    assert mtcnn(img) == []

@@ -197,3 +197,72 @@ def test_annotation_label_is_legible_and_scaled_to_the_face():
     # Yellow text pixels inside the dark box.
     box = large[160 - h_large:160, 50:300]
     assert ((box[..., 0] > 200) & (box[..., 1] > 180) & (box[..., 2] < 80)).sum() > 50
+
+
+def test_predictor_and_export_crop_in_the_models_face_frame(run_dir, tmp_path):
+    """A model trained on FER2013-framed crops gets FER2013-framed crops, also through ONNX."""
+    from semifer.engine.checkpoint import atomic_save, load_checkpoint
+    from semifer.faces.align import align_face
+
+    ck = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    ck["config"]["data"]["face_frame"] = "fer2013"
+    fer_run = tmp_path / "fer_run"
+    atomic_save(ck, fer_run / "checkpoints" / "best.pt")
+    img = astronaut(512)
+    plain, fer = semifer.Predictor(run_dir), semifer.Predictor(fer_run)
+    faces, crops = fer.detect(img)
+    expected = align_face(img, faces[0].landmarks, faces[0].scheme, frame="fer2013")
+    np.testing.assert_array_equal(crops[0], expected)
+    assert np.abs(crops[0].astype(float) - plain.detect(img)[1][0]).mean() > 5  # not the ArcFace crop
+    pytest.importorskip("onnxscript")
+    onnx = tmp_path / "fer.onnx"
+    assert main(["export", str(fer_run), "--onnx", str(onnx)]) == 0
+    via_onnx = semifer.Predictor(str(onnx))
+    assert via_onnx.classifier.face_frame == "fer2013"
+    np.testing.assert_array_equal(via_onnx.detect(img)[1][0], expected)
+
+
+class _CountingDetector:
+    """Finds one fixed face; counts full detections and re-fits."""
+
+    scheme = "arcface5"
+
+    def __init__(self, lose_at: int | None = None) -> None:
+        self.calls, self.refits, self.lose_at, self.frame = [], [], lose_at, 0
+
+    def _face(self):
+        from semifer.faces.detectors import Face
+        from semifer.faces.align import ARCFACE_112
+
+        return Face(np.array([10.0, 10.0, 122.0, 122.0]), 0.99, ARCFACE_112 + 10, self.scheme)
+
+    def __call__(self, image):
+        self.calls.append(self.frame)
+        return [self._face()]
+
+    def refine(self, image, faces):
+        self.refits.append(self.frame)
+        return [] if self.frame == self.lose_at else [self._face() for _ in faces]
+
+
+def test_video_tracking_detects_every_n_frames_and_again_when_a_face_is_lost(run_dir):
+    pred = semifer.Predictor(run_dir, detect_every=3)
+    frame = np.zeros((160, 160, 3), np.uint8)
+    pred.detector = det = _CountingDetector()
+    for i in range(7):
+        det.frame = i
+        faces, crops = pred.track(frame)
+        assert len(faces) == len(crops) == 1
+    assert det.calls == [0, 3, 6] and det.refits == [1, 2, 4, 5]
+    pred.reset_tracking()
+    pred.detector = det = _CountingDetector(lose_at=1)
+    for i in range(5):
+        det.frame = i
+        pred.track(frame)
+    assert det.calls == [0, 2] and det.refits == [1, 3, 4]  # lost at 1 -> full detection at 2
+    pred.detector = det = _CountingDetector()
+    pred.detect_every = 1
+    for i in range(3):
+        det.frame = i
+        pred.track(frame)
+    assert det.calls == [0, 1, 2] and det.refits == []

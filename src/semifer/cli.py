@@ -130,7 +130,8 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     from semifer.faces.prepare import prepare
 
     rep = prepare(a.inputs, a.out, detector=a.detector, detector_options=_detector_options(a), workers=a.workers,
-                  every=a.every, ext=a.format, size=a.size, max_frames=a.max_frames, progress=not a.quiet)
+                  every=a.every, ext=a.format, size=a.size, max_frames=a.max_frames, progress=not a.quiet,
+                  frame=a.frame)
     print(rep.summary())
     return 0
 
@@ -149,7 +150,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
             raise ValueError("predict needs CHECKPOINT, at least one INPUT and --out (or --merge OUT)")
         shard = pick_shard(a.shard)
         pred = Predictor(a.checkpoint, detector=a.detector, detector_options=_detector_options(a),
-                         device=device_for(a.device, shard), batch_size=a.batch_size)
+                         device=device_for(a.device, shard), batch_size=a.batch_size, detect_every=a.detect_every)
         rep = predict_media(pred, a.inputs, a.out, every=a.every, smooth=a.smooth, annotate=a.annotate,
                             max_frames=a.max_frames, abaw=a.abaw, fill=a.fill, progress=not a.quiet, shard=shard)
         if shard.count > 1 and not shard.launched:
@@ -306,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detector_args(pr)
     pr.add_argument("--workers", type=int, default=2, help="worker processes (one source each)")
     pr.add_argument("--format", default="jpg", choices=["jpg", "png"], help="crop file format")
-    pr.add_argument("--size", type=int, default=112, help="crop size (the ArcFace template is scaled)")
+    pr.add_argument("--size", type=int, default=112, help="crop size (the face frame is scaled)")
+    pr.add_argument("--frame", default="arcface112",
+                    help="face frame of the crops: arcface112 (ArcFace alignment) or fer2013 (FER2013's tighter crops)")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=_cmd_prepare)
 
@@ -315,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("inputs", nargs="*", metavar="INPUT", help="image, folder, video file or cam:N")
     pp.add_argument("--out", help="folder for predictions.csv (and annotated/, abaw/)")
     _add_shard_args(pp, "predict")
+    pp.add_argument("--detect-every", type=int, default=5, metavar="N",
+                    help="video: run the face detector every N frames and re-fit the faces in between "
+                         "(detectors that can, e.g. mtcnn; 1 = detect every frame)")
     _add_detector_args(pp)
     pp.add_argument("--batch-size", type=int, default=64, help="faces per classifier batch")
     pp.add_argument("--smooth", type=float, default=0.0, help="video: exponential smoothing alpha in [0, 1)")

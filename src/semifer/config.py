@@ -44,6 +44,9 @@ class DataConfig:
     # View of the labeled batch: weak = flip + shift (FixMatch's); strong = RandAugment + Cutout
     # on top (for long fully supervised schedules, where a weak view lets the model memorise)
     labeled_augment: Literal["weak", "strong"] = "weak"
+    # Where the training crops put the face (faces/align.py FRAMES): predict, prepare and the
+    # exported model crop new faces the same way. arcface112 = semifer prepare's aligned crops.
+    face_frame: str = "arcface112"
     num_workers: int = 2             # decoding workers for streamed unlabeled sources
     unlabeled_weights: list[float] = field(default_factory=list)  # mixing weights of streamed sources (default equal)
     # Embedded demo data (used by the ``synthetic`` format only).
@@ -281,7 +284,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = merge(data, loaded)
     for o in overrides or []:
         data = merge(data, parse_override(o))
-    return resolve_data(from_dict(TrainConfig, data))
+    cfg = from_dict(TrainConfig, data)
+    from semifer.faces.align import FRAMES
+
+    if cfg.data.face_frame not in FRAMES:
+        raise ConfigError(f"data.face_frame: {cfg.data.face_frame!r} is not a known face frame; known: {sorted(FRAMES)}")
+    return resolve_data(cfg)
 
 
 DEMO_SOURCES = {"labeled": "synthetic:labeled", "unlabeled": ["synthetic:unlabeled"], "val": "synthetic:val",

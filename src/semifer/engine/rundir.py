@@ -9,7 +9,10 @@ from semifer.config import TrainConfig, merge, save_config, to_dict
 
 CONFIG_FILE = "config.yaml"
 # Settings that may change between a run and its resumption without changing results.
-_RESUME_FREE = {("run", "progress"), ("run", "device"), ("run", "eval_batch_size"), ("run", "threads")}
+# Keys that do not change what training computes: a run resumes with them changed.
+# data.face_frame only describes the crops, for predict and export.
+_RESUME_FREE = {("run", "progress"), ("run", "device"), ("run", "eval_batch_size"), ("run", "threads"),
+                ("data", "face_frame")}
 
 
 class RunDirConflict(RuntimeError):

@@ -25,6 +25,28 @@ DLIB5_112 = np.array([[80.3, 51.5], [66.4, 53.0], [31.2, 51.4], [45.1, 52.4], [5
 
 TEMPLATES: dict[str, np.ndarray] = {"arcface5": ARCFACE_112, "dlib5": DLIB5_112}
 
+# A face *frame* is where a data set puts the face in its crops: the similarity (2x3) from
+# the ArcFace 112 px frame to the crop's unit square. A model is fed crops in the frame it was
+# trained on (``data.face_frame``, stored with every checkpoint and ONNX file).
+# fer2013: FER2013's 48 px crops, measured with ``benchmarks/measure_face_frame.py
+# ../shared/data/fer2013/val --limit 1000`` (MTCNN found 851 faces; the median landmarks,
+# rotation dropped: the crops are upright). They are tighter than ArcFace crops: 112 ArcFace
+# px = 1.13 FER2013 crop sides, and the eyes sit at 39 % of the height instead of 46 %.
+FRAMES: dict[str, np.ndarray] = {
+    "arcface112": np.array([[1 / CROP_SIZE, 0.0, 0.0], [0.0, 1 / CROP_SIZE, 0.0]]),
+    "fer2013": np.array([[0.010128, 0.0, -0.065953], [0.0, 0.010128, -0.130224]]),
+}
+
+
+def frame_template(scheme: str, frame: str = "arcface112", size: int = CROP_SIZE) -> np.ndarray:
+    """Where ``scheme``'s five landmarks sit in a ``size`` px crop of face frame ``frame``."""
+    if scheme not in TEMPLATES:
+        raise KeyError(f"unknown landmark scheme {scheme!r}; known: {sorted(TEMPLATES)}")
+    if frame not in FRAMES:
+        raise KeyError(f"unknown face frame {frame!r}; known: {sorted(FRAMES)}")
+    m = FRAMES[frame]
+    return (TEMPLATES[scheme] @ m[:, :2].T + m[:, 2]) * size
+
 
 def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation, uniform scale, shift) mapping ``src`` onto ``dst``.
@@ -52,14 +74,10 @@ def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def align_face(image: np.ndarray, landmarks: np.ndarray, scheme: str = "arcface5",
-               size: int = CROP_SIZE) -> np.ndarray:
-    """Warp the face with ``landmarks`` (5, 2) in ``image`` (H, W, 3 uint8) to a ``size`` crop.
-
-    The template is scaled from 112 px to ``size``; pixels outside the image are black.
-    """
-    if scheme not in TEMPLATES:
-        raise KeyError(f"unknown landmark scheme {scheme!r}; known: {sorted(TEMPLATES)}")
-    m = umeyama(landmarks, TEMPLATES[scheme] * (size / CROP_SIZE))
+               size: int = CROP_SIZE, frame: str = "arcface112") -> np.ndarray:
+    """Warp the face with ``landmarks`` (5, 2) in ``image`` (H, W, 3 uint8) to a ``size`` crop
+    of face frame ``frame`` (``FRAMES``); pixels outside the image are black."""
+    m = umeyama(landmarks, frame_template(scheme, frame, size))
     # PIL wants the inverse map (output pixel -> input pixel).
     inv = np.linalg.inv(np.vstack([m, [0.0, 0.0, 1.0]]))[:2]
     img = Image.fromarray(np.ascontiguousarray(image))

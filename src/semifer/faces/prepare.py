@@ -80,7 +80,7 @@ def _atomic_image(arr: np.ndarray, path: Path, quality: int) -> None:
 
 def process_source(media: Media, detector, out: Path, every: int = 1, ext: str = "jpg", quality: int = 95,
                    size: int = CROP_SIZE, min_score: float | None = None,
-                   max_frames: int | None = None) -> tuple[list[list], int, str | None]:
+                   max_frames: int | None = None, frame: str = "arcface112") -> tuple[list[list], int, str | None]:
     """Detect, align and write the crops of one source -> (manifest rows, frames, skip reason or None)."""
     rows: list[list] = []
     frames = 0
@@ -92,7 +92,7 @@ def process_source(media: Media, detector, out: Path, every: int = 1, ext: str =
             for k, face in enumerate(faces):
                 rel = f"crops/{sub}/{index:06d}_{k}.{ext}"
                 (out / "crops" / sub).mkdir(parents=True, exist_ok=True)
-                _atomic_image(align_face(rgb, face.landmarks, face.scheme, size), out / rel, quality)
+                _atomic_image(align_face(rgb, face.landmarks, face.scheme, size, frame), out / rel, quality)
                 rows.append([media.path, index, f"{ts:.3f}", k, rel, f"{face.score:.4f}",
                              *(f"{v:.1f}" for v in face.box), *(f"{v:.2f}" for v in face.landmarks.ravel()),
                              face.scheme])
@@ -166,8 +166,12 @@ def _check_settings(out: Path, settings: dict) -> None:
 
 def prepare(inputs: list[str], out: Path | str, detector: str = "dlib", detector_options: dict | None = None,
             workers: int = 1, every: int = 1, ext: str = "jpg", quality: int = 95, size: int = CROP_SIZE,
-            min_score: float | None = None, max_frames: int | None = None, progress: bool = True) -> PrepareReport:
-    """Detect and align the faces of ``inputs`` into ``out`` (resumable; see module doc)."""
+            min_score: float | None = None, max_frames: int | None = None, progress: bool = True,
+            frame: str = "arcface112") -> PrepareReport:
+    """Detect and align the faces of ``inputs`` into ``out`` (resumable; see module doc).
+
+    ``frame``: where the crops put the face (faces/align.py ``FRAMES``); crops for a model
+    trained in another frame (e.g. the bundled FER2013 model) are cut in its frame."""
     out = Path(out)
     if every < 1:
         raise ValueError("every must be >= 1")
@@ -177,9 +181,15 @@ def prepare(inputs: list[str], out: Path | str, detector: str = "dlib", detector
         raise ValueError("semifer prepare needs a face detector (dlib, scrfd); 'whole' treats every image as an "
                          "already-aligned face, so use the images as they are (predict --detector whole)")
     options = dict(detector_options or {})
+    from semifer.faces.align import FRAMES
+
+    if frame not in FRAMES:
+        raise ValueError(f"unknown face frame {frame!r}; known: {sorted(FRAMES)}")
     det = build_detector(detector, **options)  # fails here, with a clear message, not in every worker
     _check_settings(out, {"detector": detector, "options": options, "every": every, "ext": ext,
-                          "size": size, "min_score": min_score, "max_frames": max_frames})
+                          "size": size, "min_score": min_score, "max_frames": max_frames,
+                          # the default frame is left out, so folders prepared before frames existed resume
+                          **({"frame": frame} if frame != "arcface112" else {})})
     report = PrepareReport(out)
     t0 = time.perf_counter()
     media = expand_inputs(inputs, report.skips)
@@ -210,7 +220,7 @@ def prepare(inputs: list[str], out: Path | str, detector: str = "dlib", detector
         _rewrite(ledger, LEDGER_COLUMNS, keep_ledger)
 
     kw = {"every": every, "ext": ext, "quality": quality, "size": size, "min_score": min_score,
-          "max_frames": max_frames}
+          "max_frames": max_frames, "frame": frame}
 
     def record(m: Media, key: str, result) -> None:
         rows, frames, reason = result

@@ -57,7 +57,8 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 18) -> Pat
     proto = onnx.load(str(tmp))
     meta = {"semifer.image_size": str(size), "semifer.channels": str(chans),
             "semifer.labels": json.dumps(list(ABAW_LABELS)), "semifer.step": str(ckpt.get("step")),
-            "semifer.checkpoint": str(resolve_checkpoint(checkpoint)), "semifer.backbone": cfg.model.backbone}
+            "semifer.checkpoint": str(resolve_checkpoint(checkpoint)), "semifer.backbone": cfg.model.backbone,
+            "semifer.face_frame": cfg.data.face_frame}
     del proto.metadata_props[:]
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
@@ -88,6 +89,8 @@ class OnnxClassifier:
         shape = self.session.get_inputs()[0].shape
         self.channels = int(meta.get("semifer.channels", shape[1]))
         self.image_size = int(meta.get("semifer.image_size", shape[2]))
+        # files exported before face frames existed were all trained on ArcFace-aligned crops
+        self.face_frame = meta.get("semifer.face_frame", "arcface112")
         self.input_name = self.session.get_inputs()[0].name
         outs = [o.name for o in self.session.get_outputs()]
         self._probs = "probs" in outs
@@ -112,7 +115,7 @@ class TorchClassifier:
         self.path = resolve_checkpoint(path)
         self.model, cfg, _ = load_model(path, device)
         self.device = torch.device(device)
-        self.image_size, self.channels = cfg.data.image_size, cfg.data.channels
+        self.image_size, self.channels, self.face_frame = cfg.data.image_size, cfg.data.channels, cfg.data.face_frame
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray) -> np.ndarray:

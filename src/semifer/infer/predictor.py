@@ -4,9 +4,10 @@
 >>> r = p.predict("photo.jpg")                     # path, PIL image or RGB uint8 array
 >>> r.boxes, r.probs, r.labels                     # (N, 4), (N, 8), ["Happiness", ...]
 
-Faces are found by a registered detector, aligned to the 112x112 ArcFace frame (as
-``semifer prepare`` writes them) and resized to the model's input size and channels,
-the same way training images are decoded.
+Faces are found by a registered detector, aligned by their five landmarks to the face
+frame the model was trained on (``data.face_frame``: ArcFace's 112 px frame as ``semifer
+prepare`` writes it, or FER2013's tighter crops) and resized to the model's input size and
+channels, the same way training images are decoded.
 """
 from __future__ import annotations
 
@@ -65,17 +66,43 @@ class Predictor:
     """Detector + aligned crops + classifier (torch checkpoint or exported ``.onnx``)."""
 
     def __init__(self, model: Path | str, detector: str = "dlib", detector_options: dict | None = None,
-                 device: str = "cpu", batch_size: int = 64) -> None:
+                 device: str = "cpu", batch_size: int = 64, detect_every: int = 1) -> None:
         self.classifier = load_classifier(model, device)
         self.model_path = str(getattr(self.classifier, "path", model))
         self.detector_name, self.detector_options = detector, dict(detector_options or {})
         self.detector = build_detector(detector, **self.detector_options)
         self.batch_size = int(batch_size)
+        # video: a full detection every N frames, faces re-fitted in between (detectors with refine)
+        self.detect_every = max(1, int(detect_every))
+        self.reset_tracking()
+
+    def reset_tracking(self) -> None:
+        """Forget the faces of earlier frames (a new video starts)."""
+        self._tracked: list[Face] = []
+        self._since_detect = 1 << 30
+
+    def track(self, image: np.ndarray) -> tuple[list[Face], list[np.ndarray]]:
+        """``detect`` for consecutive video frames: the detector runs every ``detect_every`` frames;
+        in between the faces of the previous frame are re-fitted (``refine``), and a lost face
+        brings the next full detection forward. Detectors without ``refine`` detect every frame."""
+        refine = getattr(self.detector, "refine", None)
+        if refine is None or self.detect_every == 1 or self._since_detect + 1 >= self.detect_every:
+            faces, self._since_detect = self.detector(image), 0
+        else:
+            faces = refine(image, self._tracked)
+            self._since_detect = self._since_detect + 1 if len(faces) == len(self._tracked) else 1 << 30
+        self._tracked = faces
+        return faces, self.crops(image, faces)
 
     def detect(self, image: np.ndarray) -> tuple[list[Face], list[np.ndarray]]:
-        """Faces of an RGB image and their aligned 112x112 crops (``whole``: the image itself)."""
+        """Faces of an RGB image and their 112x112 crops in the model's face frame (``whole``: the image itself)."""
         faces = self.detector(image)
-        return faces, [image if f.scheme == "whole" else align_face(image, f.landmarks, f.scheme) for f in faces]
+        return faces, self.crops(image, faces)
+
+    def crops(self, image: np.ndarray, faces: list[Face]) -> list[np.ndarray]:
+        """The faces' 112x112 crops in the model's face frame (``whole`` faces: the image itself)."""
+        frame = getattr(self.classifier, "face_frame", "arcface112")
+        return [image if f.scheme == "whole" else align_face(image, f.landmarks, f.scheme, frame=frame) for f in faces]
 
     def classify(self, crops: list[np.ndarray]) -> np.ndarray:
         """Probabilities (N, 8) for aligned RGB crops, ``batch_size`` at a time."""

@@ -292,10 +292,13 @@ def _predict_source(predictor, m: Media, sink: CsvOut, report: PredictReport, ou
 
             # cameras are not opened twice; their annotated video is written at 25 fps
             annot = _Annotator(out / "annotated", m, video_info(m)[0] / every if m.kind == "video" else 0.0)
+        tracking = m.kind != "image" and hasattr(predictor, "track")
+        if tracking:
+            predictor.reset_tracking()
         for index, ts, rgb in iter_frames(m, every=every, max_frames=max_frames):
             t = time.perf_counter()
             try:
-                faces, crops = predictor.detect(rgb)
+                faces, crops = predictor.track(rgb) if tracking else predictor.detect(rgb)
             except Exception as e:  # noqa: BLE001 - a frame the detector rejects is counted, not fatal
                 report.skips.add(f"detector error ({type(e).__name__})", f"{m.path}#{index}")
                 faces, crops = [], []
