@@ -245,3 +245,24 @@ def test_mtcnn_pictures_without_faces(mtcnn, name):
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     assert mtcnn(img) == []
+
+
+def test_detect_rotated_finds_a_tilted_face_and_maps_it_back(dlib_detector):
+    from PIL import Image
+
+    from semifer.faces.detectors import detect_rotated
+
+    img = skdata.astronaut()
+    ref = dlib_detector(img)[0]
+    tilted = np.asarray(Image.fromarray(img).rotate(-50, resample=Image.BILINEAR))  # clockwise, same size
+    assert dlib_detector(tilted) == []                      # HOG's frontal model misses a 50 degree tilt
+    faces = detect_rotated(dlib_detector, tilted, (25.0, 50.0))
+    assert len(faces) == 1
+    t = np.deg2rad(-50)  # where the reference landmarks went: PIL turns counter-clockwise by the angle
+    rot = np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
+    c = np.array([img.shape[1] / 2, img.shape[0] / 2])
+    expected = (ref.landmarks - c) @ rot.T + c
+    assert np.abs(faces[0].landmarks - expected).max() < 6.0
+    x1, y1, x2, y2 = faces[0].box
+    assert ((faces[0].landmarks >= [x1, y1]) & (faces[0].landmarks <= [x2, y2])).all()
+    assert detect_rotated(dlib_detector, skdata.coffee(), (25.0, 50.0)) == []

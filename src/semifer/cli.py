@@ -150,7 +150,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
             raise ValueError("predict needs CHECKPOINT, at least one INPUT and --out (or --merge OUT)")
         shard = pick_shard(a.shard)
         pred = Predictor(a.checkpoint, detector=a.detector, detector_options=_detector_options(a),
-                         device=device_for(a.device, shard), batch_size=a.batch_size, detect_every=a.detect_every)
+                         device=device_for(a.device, shard), batch_size=a.batch_size, detect_every=a.detect_every,
+                         rotations=tuple(float(v) for v in a.rotations.split(",")) if a.rotations else ())
         rep = predict_media(pred, a.inputs, a.out, every=a.every, smooth=a.smooth, annotate=a.annotate,
                             max_frames=a.max_frames, abaw=a.abaw, fill=a.fill, progress=not a.quiet, shard=shard)
         if shard.count > 1 and not shard.launched:
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("inputs", nargs="*", metavar="INPUT", help="image, folder, video file or cam:N")
     pp.add_argument("--out", help="folder for predictions.csv (and annotated/, abaw/)")
     _add_shard_args(pp, "predict")
+    pp.add_argument("--rotations", metavar="DEG,DEG,...",
+                    help="where a photo shows no face, look again on copies turned by these angles "
+                         "(tilted heads), e.g. 30,-30,60,-60")
     pp.add_argument("--detect-every", type=int, default=5, metavar="N",
                     help="video: run the face detector every N frames and re-fit the faces in between "
                          "(detectors that can, e.g. mtcnn; 1 = detect every frame)")

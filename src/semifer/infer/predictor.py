@@ -66,12 +66,17 @@ class Predictor:
     """Detector + aligned crops + classifier (torch checkpoint or exported ``.onnx``)."""
 
     def __init__(self, model: Path | str, detector: str = "dlib", detector_options: dict | None = None,
-                 device: str = "cpu", batch_size: int = 64, detect_every: int = 1) -> None:
+                 device: str = "cpu", batch_size: int = 64, detect_every: int = 1,
+                 rotations: tuple[float, ...] = (), rotated_min_score: float = 0.95) -> None:
         self.classifier = load_classifier(model, device)
         self.model_path = str(getattr(self.classifier, "path", model))
         self.detector_name, self.detector_options = detector, dict(detector_options or {})
         self.detector = build_detector(detector, **self.detector_options)
         self.batch_size = int(batch_size)
+        # photos: where no face is found, look again on copies turned by these angles (tilted
+        # heads); a face found that way must score rotated_min_score (turned copies of faceless
+        # photos give the detector more chances to be wrong)
+        self.rotations, self.rotated_min_score = tuple(float(r) for r in rotations), float(rotated_min_score)
         # video: a full detection every N frames, faces re-fitted in between (detectors with refine)
         self.detect_every = max(1, int(detect_every))
         self.reset_tracking()
@@ -97,6 +102,10 @@ class Predictor:
     def detect(self, image: np.ndarray) -> tuple[list[Face], list[np.ndarray]]:
         """Faces of an RGB image and their 112x112 crops in the model's face frame (``whole``: the image itself)."""
         faces = self.detector(image)
+        if not faces and self.rotations:
+            from semifer.faces.detectors import detect_rotated
+
+            faces = [f for f in detect_rotated(self.detector, image, self.rotations) if f.score >= self.rotated_min_score]
         return faces, self.crops(image, faces)
 
     def crops(self, image: np.ndarray, faces: list[Face]) -> list[np.ndarray]:
