@@ -69,7 +69,11 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from semifer.eval.report import evaluate_path, format_scores
 
-    scores = evaluate_path(a.path, data=a.data, device=a.device)
+    from semifer.bundled import resolve_model
+
+    if a.path and a.model:
+        raise ValueError("evaluate takes PATH or --model, not both")
+    scores = evaluate_path(resolve_model(a.path or a.model), data=a.data, device=a.device)
     print(f"{scores['checkpoint']} (step {scores['step']}) on {scores['data']}")
     print(format_scores(scores))
     if a.out:
@@ -146,13 +150,22 @@ def _cmd_predict(a: argparse.Namespace) -> int:
             raise ValueError("--merge OUT takes no checkpoint, inputs or --shard")
         rep = merge_predictions(a.merge, abaw=a.abaw, fill=a.fill)
     else:
-        if not a.checkpoint or not a.inputs or not a.out:
-            raise ValueError("predict needs CHECKPOINT, at least one INPUT and --out (or --merge OUT)")
+        from semifer.bundled import looks_like_model
+
+        model, inputs = a.model, list(a.inputs)
+        if a.checkpoint and (model is not None or not looks_like_model(a.checkpoint)):
+            inputs.insert(0, a.checkpoint)   # `semifer predict photo.jpg`: the bundled model
+        elif a.checkpoint:
+            model = a.checkpoint
+        if not inputs or not a.out:
+            raise ValueError("predict needs at least one INPUT and --out (or --merge OUT)")
         shard = pick_shard(a.shard)
-        pred = Predictor(a.checkpoint, detector=a.detector, detector_options=_detector_options(a),
+        pred = Predictor(model, detector=a.detector, detector_options=_detector_options(a),
                          device=device_for(a.device, shard), batch_size=a.batch_size, detect_every=a.detect_every,
                          rotations=tuple(float(v) for v in a.rotations.split(",")) if a.rotations else ())
-        rep = predict_media(pred, a.inputs, a.out, every=a.every, smooth=a.smooth, annotate=a.annotate,
+        if not a.quiet:
+            print(f"semifer: model {pred.model_path}")
+        rep = predict_media(pred, inputs, a.out, every=a.every, smooth=a.smooth, annotate=a.annotate,
                             max_frames=a.max_frames, abaw=a.abaw, fill=a.fill, progress=not a.quiet, shard=shard)
         if shard.count > 1 and not shard.launched:
             if a.abaw:
@@ -202,7 +215,30 @@ def _cmd_pseudolabel(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from semifer.infer.onnx_export import export_onnx
 
-    print(f"wrote {export_onnx(a.checkpoint, a.onnx, opset=a.opset)}")
+    from semifer.bundled import resolve_model
+
+    if a.checkpoint and a.model:
+        raise ValueError("export takes CHECKPOINT or --model, not both")
+    print(f"wrote {export_onnx(resolve_model(a.checkpoint or a.model), a.onnx, opset=a.opset)}")
+    return 0
+
+
+def _cmd_models(a: argparse.Namespace) -> int:
+    from semifer.bundled import DEFAULT_MODEL, available, card
+
+    names = available()
+    if not names:
+        print("this install has no bundled model (semifer predict then needs a run directory, checkpoint or .onnx)")
+        return 0
+    for name in names:
+        c = card(name)
+        scores = c.get("scores", {})
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float))
+        mark = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{mark}: {c['backbone']} {c['input']}, face frame {c['face_frame']}, "
+              f"{c['bytes'] / 1e6:.1f} MB; trained on {c.get('trained_on', '?')}")
+        if shown:
+            print(f"    {c.get('scored_on', 'scores')}: {shown}")
     return 0
 
 
@@ -283,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     ptr.set_defaults(func=_cmd_pretrain)
 
     e = sub.add_parser("evaluate", help="re-score a saved model")
-    e.add_argument("path", help="run directory or checkpoint file")
+    e.add_argument("path", nargs="?", help="run directory or checkpoint file")
+    e.add_argument("--model", help="a bundled model's name (semifer models); neither: the default bundled model")
     e.add_argument("--data", help="FORMAT:PATH to score on (default: the run's val set)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", help="folder for scores.json and confusion.png")
@@ -315,9 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_prepare)
 
     pp = sub.add_parser("predict", help="expressions of every face in images, folders, videos or cam:N")
-    pp.add_argument("checkpoint", nargs="?", help="run directory, checkpoint file or exported .onnx")
+    pp.add_argument("checkpoint", nargs="?", metavar="MODEL",
+                    help="run directory, checkpoint file, exported .onnx or bundled model name; "
+                         "left out: the bundled model (semifer models)")
     pp.add_argument("inputs", nargs="*", metavar="INPUT", help="image, folder, video file or cam:N")
-    pp.add_argument("--out", help="folder for predictions.csv (and annotated/, abaw/)")
+    pp.add_argument("--out", default="predictions", help="folder for predictions.csv (and annotated/, abaw/)")
+    pp.add_argument("--model", help="same as MODEL (a path or bundled model name)")
     _add_shard_args(pp, "predict")
     pp.add_argument("--rotations", metavar="DEG,DEG,...",
                     help="where a photo shows no face, look again on copies turned by these angles "
@@ -351,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_pseudolabel)
 
     ex = sub.add_parser("export", help="export a checkpoint to ONNX")
-    ex.add_argument("checkpoint", help="run directory (best checkpoint) or checkpoint file")
+    ex.add_argument("checkpoint", nargs="?", help="run directory (best checkpoint) or checkpoint file")
+    ex.add_argument("--model", help="a bundled model's name (semifer models); neither: the default bundled model")
     ex.add_argument("--onnx", required=True, help="output .onnx file")
     ex.add_argument("--opset", type=int, default=18)
     ex.set_defaults(func=_cmd_export)
@@ -364,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--frame-counts", help="CSV of VIDEO,FRAMES (default: decode each video to count)")
     ab.set_defaults(func=_cmd_abaw)
 
+    sub.add_parser("models", help="list the expression models bundled with semifer").set_defaults(func=_cmd_models)
     for kind in ("algorithms", "backbones", "formats", "thresholds", "detectors"):
         sub.add_parser(kind, help=f"list registered {kind}").set_defaults(func=_cmd_list(kind))
     return p

@@ -1,6 +1,7 @@
 """``semifer.Predictor``: faces and expression probabilities for one image.
 
->>> p = semifer.Predictor("runs/mine")            # or a checkpoint file, or model.onnx
+>>> p = semifer.Predictor()                        # the bundled model (semifer models)
+>>> p = semifer.Predictor("runs/mine")            # or a checkpoint file, model.onnx, a bundled name
 >>> r = p.predict("photo.jpg")                     # path, PIL image or RGB uint8 array
 >>> r.boxes, r.probs, r.labels                     # (N, 4), (N, 8), ["Happiness", ...]
 
@@ -65,9 +66,12 @@ def as_rgb(image) -> np.ndarray:
 class Predictor:
     """Detector + aligned crops + classifier (torch checkpoint or exported ``.onnx``)."""
 
-    def __init__(self, model: Path | str, detector: str = "dlib", detector_options: dict | None = None,
+    def __init__(self, model: Path | str | None = None, detector: str = "dlib", detector_options: dict | None = None,
                  device: str = "cpu", batch_size: int = 64, detect_every: int = 1,
                  rotations: tuple[float, ...] = (), rotated_min_score: float = 0.95) -> None:
+        from semifer.bundled import resolve_model
+
+        model = resolve_model(model)
         self.classifier = load_classifier(model, device)
         self.model_path = str(getattr(self.classifier, "path", model))
         self.detector_name, self.detector_options = detector, dict(detector_options or {})

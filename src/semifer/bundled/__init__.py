@@ -1,0 +1,80 @@
+"""Expression models trained by semifer and shipped inside the package (``semifer models``).
+
+Each ``NAME.pt`` here is a checkpoint like a run's ``best.pt`` (the EMA weights as ``model``,
+the resolved training config, the label order) plus a ``card``: what it was trained on, the
+command, training time and its scores (docs/models.md). Loaded with ``weights_only=True``
+like every checkpoint; nothing is downloaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+BUNDLED_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = "fer2013-cnn24"
+MODEL_SUFFIXES = {".pt", ".pth", ".onnx"}
+
+
+def available(folder: Path | None = None) -> dict[str, Path]:
+    """Bundled model name -> file."""
+    return {p.stem: p for p in sorted((folder or BUNDLED_DIR).glob("*.pt"))}
+
+
+def bundled_path(name: str | None = None, folder: Path | None = None) -> Path:
+    """File of bundled model ``name`` (default: ``DEFAULT_MODEL``, else the only one there is)."""
+    models = available(folder)
+    if not models:
+        raise FileNotFoundError("this install has no bundled model; pass a run directory, checkpoint or .onnx "
+                                "file (train one with semifer train)")
+    if name is None:
+        name = DEFAULT_MODEL if DEFAULT_MODEL in models else sorted(models)[0]
+    if name not in models:
+        raise FileNotFoundError(f"no bundled model {name!r}; bundled: {', '.join(models)}")
+    return models[name]
+
+
+def looks_like_model(spec: str, folder: Path | None = None) -> bool:
+    """True for a bundled model name, a checkpoint / .onnx file or a run directory (not for media)."""
+    p = Path(spec)
+    if spec in available(folder) or p.suffix.lower() in MODEL_SUFFIXES:
+        return True
+    return p.is_dir() and ((p / "checkpoints").is_dir() or (p / "config.yaml").is_file())
+
+
+def resolve_model(spec: str | Path | None = None, folder: Path | None = None) -> Path:
+    """A model argument -> a path: None = the default bundled model, an existing path as it is,
+    else a bundled model's name."""
+    if spec is None:
+        return bundled_path(None, folder)
+    if Path(spec).exists():
+        return Path(spec)
+    if str(spec) in available(folder):
+        return bundled_path(str(spec), folder)
+    names = ", ".join(available(folder)) or "none in this install"
+    raise FileNotFoundError(f"{spec}: no such run directory, checkpoint or .onnx file, and no bundled model of "
+                            f"that name (bundled: {names})")
+
+
+def card(name: str | None = None, folder: Path | None = None) -> dict:
+    """A bundled model's card (name, file, size, data, preprocessing, scores...)."""
+    from semifer.engine.checkpoint import load_checkpoint
+
+    path = bundled_path(name, folder)
+    ck = load_checkpoint(path)
+    data = ck["config"]["data"]
+    return {"name": path.stem, "file": str(path), "bytes": path.stat().st_size, "step": ck.get("step"),
+            "backbone": ck["config"]["model"]["backbone"], "input": f"{data['image_size']} px, {data['channels']} channel(s)",
+            "face_frame": data.get("face_frame", "arcface112"), **ck.get("card", {})}
+
+
+def pack(checkpoint: Path | str, name: str, info: dict, folder: Path | None = None) -> Path:
+    """Write the selected weights of a run (or checkpoint file) as bundled model ``name`` with card ``info``."""
+    from semifer.config import to_dict
+    from semifer.engine.checkpoint import atomic_save
+    from semifer.eval.report import load_model
+    from semifer.labels import ABAW_LABELS
+
+    model, cfg, ck = load_model(checkpoint, "cpu")
+    out = (folder or BUNDLED_DIR) / f"{name}.pt"
+    atomic_save({"model": {k: v.contiguous() for k, v in model.state_dict().items()}, "config": to_dict(cfg),
+                 "labels": list(ABAW_LABELS), "step": ck.get("step"), "card": dict(info)}, out)
+    return out

@@ -1,0 +1,98 @@
+"""Bundled models: packing a run, listing, and every entry point using one without a path."""
+from __future__ import annotations
+
+import csv
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("dlib")
+pytest.importorskip("skimage")
+
+import semifer  # noqa: E402
+import semifer.bundled as bundled  # noqa: E402
+from semifer.cli import main  # noqa: E402
+from semifer.labels import ABAW_LABELS  # noqa: E402
+from tests.media_helpers import astronaut  # noqa: E402
+
+
+@pytest.fixture()
+def bundle_dir(tmp_path, monkeypatch, tiny_data):
+    """A bundled-model folder holding one tiny packed model, in place of the package's."""
+    from semifer.config import load_config, to_dict
+    from semifer.engine.checkpoint import atomic_save
+    from semifer.models import build_model
+
+    cfg = load_config(base={"data": {"image_size": 24, "channels": 1, "face_frame": "fer2013", "test": tiny_data["val"]},
+                            "model": {"backbone": "small_cnn", "backbone_args": {"width": 8}}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(ABAW_LABELS), in_chans=1)
+    atomic_save({"model": model.state_dict(), "ema": model.state_dict(), "step": 5, "config": to_dict(cfg),
+                 "labels": list(ABAW_LABELS)}, tmp_path / "run" / "checkpoints" / "best.pt")
+    folder = tmp_path / "bundled"
+    folder.mkdir()
+    monkeypatch.setattr(bundled, "BUNDLED_DIR", folder)
+    monkeypatch.setattr(bundled, "DEFAULT_MODEL", "tiny")
+    bundled.pack(tmp_path / "run", "tiny", {"trained_on": "stripes", "scored_on": "stripes val",
+                                            "scores": {"accuracy": 0.5}}, folder)
+    return folder
+
+
+def test_pack_list_and_resolve(bundle_dir, tmp_path, capsys):
+    assert list(bundled.available()) == ["tiny"]
+    c = bundled.card()
+    assert c["name"] == "tiny" and c["face_frame"] == "fer2013" and c["input"] == "24 px, 1 channel(s)"
+    assert c["trained_on"] == "stripes" and c["step"] == 5
+    assert bundled.resolve_model(None) == bundle_dir / "tiny.pt" == bundled.resolve_model("tiny")
+    assert bundled.resolve_model(str(tmp_path / "run")) == tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="bundled: tiny"):
+        bundled.resolve_model("nope")
+    assert bundled.looks_like_model("tiny") and bundled.looks_like_model(str(tmp_path / "run"))
+    assert not bundled.looks_like_model(str(tmp_path / "photo.jpg"))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny (default)" in out and "face frame fer2013" in out and "accuracy 0.500" in out
+
+
+def test_every_entry_point_uses_the_bundled_model(bundle_dir, tmp_path, tiny_data):
+    photo = tmp_path / "astronaut.jpg"
+    Image.fromarray(astronaut(512)).save(photo)
+    r = semifer.Predictor().predict(str(photo))
+    assert len(r) == 1 and r.probs.shape == (1, 8)
+    assert main(["predict", str(photo), "--out", str(tmp_path / "p"), "--quiet"]) == 0   # no model argument
+    with open(tmp_path / "p" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1
+    np.testing.assert_allclose([float(rows[0][k]) for k in ABAW_LABELS], r.probs[0], atol=1e-5)
+    assert main(["predict", "--model", "tiny", str(photo), "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    assert main(["evaluate", "--model", "tiny", "--data", tiny_data["val"]]) == 0
+    pytest.importorskip("onnxscript")
+    assert main(["export", "--model", "tiny", "--onnx", str(tmp_path / "tiny.onnx")]) == 0
+    ro = semifer.Predictor(str(tmp_path / "tiny.onnx")).predict(str(photo))
+    assert np.abs(ro.probs - r.probs).max() < 1e-4
+
+
+def test_no_bundled_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bundled, "BUNDLED_DIR", tmp_path)
+    photo = tmp_path / "a.jpg"
+    Image.fromarray(astronaut(128)).save(photo)
+    assert main(["predict", str(photo), "--out", str(tmp_path / "p")]) == 2
+    assert "no bundled model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bundled.DEFAULT_MODEL not in bundled.available(), reason="the bundled model is not packed yet")
+def test_the_shipped_model_predicts_the_astronaut_offline(monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("the bundled model touched the network")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    from skimage import data
+
+    r = semifer.Predictor().predict(data.astronaut())
+    assert len(r) == 1
+    np.testing.assert_allclose(r.probs.sum(1), 1.0, atol=1e-5)
+    assert r.labels == ["Happiness"]  # she smiles
