@@ -1,0 +1,101 @@
+"""The full ``predict`` path on FER2013 faces pasted into photos, against scoring the crops directly.
+
+    python benchmarks/pasted_faces.py [--model NAME|PATH] [--data ../shared/data/fer2013/val]
+        [--limit 0] [--detector mtcnn] [--rotations 30,-30,60,-60] [--scale 3]
+
+Each face is upscaled (48 px x ``scale``) and pasted into the middle of a photo twice its size
+(skimage's coffee, chelsea, rocket and brick in turn, none of which shows a face), then goes
+through ``Predictor.predict``: detect, align to the model's face frame, classify. The best-scoring
+face is the prediction; an image where no face is found counts as wrong. Printed: detection rate,
+and accuracy / 7-class macro-F1 of the predict path and of the model on the original crops.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def class_files(root: Path) -> list[tuple[Path, int]]:
+    """(image, ABAW index) for every image in class sub-folders named by expression."""
+    from semifer.labels import label_index
+
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        idx = label_index(d.name)
+        out += [(f, idx) for f in sorted(d.iterdir()) if f.suffix.lower() in {".jpg", ".jpeg", ".png"}]
+    return out
+
+
+def backgrounds(side: int) -> list[np.ndarray]:
+    from skimage import data
+
+    out = []
+    for name in ("coffee", "chelsea", "rocket", "brick"):
+        im = getattr(data, name)()
+        im = np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im[..., :3]
+        out.append(np.asarray(Image.fromarray(im).resize((2 * side, 2 * side), Image.BILINEAR)))
+    return out
+
+
+def scores(y_true: list[int], y_pred: list[int]) -> tuple[float, float]:
+    """(accuracy, macro-F1 over the classes present in y_true); -1 predictions are wrong."""
+    from semifer.eval.metrics import classification_scores
+    from semifer.labels import ABAW_LABELS
+
+    yt, yp = np.array(y_true), np.array(y_pred)
+    acc = float((yt == yp).mean())
+    yp = np.where(yp < 0, len(ABAW_LABELS), yp)  # "no face" as its own column, never right
+    s = classification_scores(yt, yp, (*ABAW_LABELS, "no face"))
+    present = sorted(set(y_true))
+    return acc, float(np.mean([s["per_class_f1"][ABAW_LABELS[i]] for i in present]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013" / "val")
+    ap.add_argument("--limit", type=int, default=0, help="a seeded random subset of this many images (0 = all)")
+    ap.add_argument("--detector", default="mtcnn")
+    ap.add_argument("--rotations", default="", help="angles tried where no face is found, e.g. 30,-30,60,-60")
+    ap.add_argument("--scale", type=int, default=3)
+    a = ap.parse_args()
+    from semifer.data.decode import decode_image
+    from semifer.infer import Predictor
+
+    files = class_files(a.data)
+    if a.limit:
+        files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[:a.limit]]
+    rot = tuple(float(v) for v in a.rotations.split(",")) if a.rotations else ()
+    pred = Predictor(a.model, detector=a.detector, rotations=rot)
+    c = pred.classifier
+    side = 48 * a.scale
+    bgs = backgrounds(side)
+    y, direct, full, found = [], [], [], 0
+    for i, (f, label) in enumerate(files):
+        img = Image.open(f).convert("RGB")
+        x = decode_image(np.asarray(img), c.image_size, c.channels)[0][None].astype(np.float32) / 255.0
+        direct.append(int(c(x).argmax()))
+        canvas = bgs[i % len(bgs)].copy()
+        canvas[side // 2:side // 2 + side, side // 2:side // 2 + side] = np.asarray(img.resize((side, side), Image.BICUBIC))
+        r = pred.predict(canvas)
+        found += len(r) > 0
+        full.append(int(r.probs[int(np.argmax(r.scores))].argmax()) if len(r) else -1)
+        y.append(label)
+        if (i + 1) % 500 == 0:
+            print(f"  {i + 1}/{len(files)}", flush=True)
+    acc_d, f1_d = scores(y, direct)
+    acc_f, f1_f = scores(y, full)
+    print(f"model {pred.model_path}, face frame {getattr(c, 'face_frame', 'arcface112')}, detector {a.detector}"
+          f"{' + rotations ' + a.rotations if rot else ''}; {len(files)} images of {a.data}")
+    print("| path | faces found | accuracy | macro-F1 (7) |")
+    print("|---|---:|---:|---:|")
+    print(f"| crops scored directly | - | {acc_d:.4f} | {f1_d:.4f} |")
+    print(f"| pasted, full predict path | {found / len(files):.4f} | {acc_f:.4f} | {f1_f:.4f} |")
+    print(f"accuracy gap: {acc_d - acc_f:+.4f}")
+
+
+if __name__ == "__main__":
+    main()
