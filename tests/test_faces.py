@@ -266,3 +266,15 @@ def test_detect_rotated_finds_a_tilted_face_and_maps_it_back(dlib_detector):
     x1, y1, x2, y2 = faces[0].box
     assert ((faces[0].landmarks >= [x1, y1]) & (faces[0].landmarks <= [x2, y2])).all()
     assert detect_rotated(dlib_detector, skdata.coffee(), (25.0, 50.0)) == []
+
+
+def test_auto_detector_is_mtcnn_where_installed_else_dlib(monkeypatch):
+    import importlib.util
+
+    from semifer.faces import detectors
+
+    real = importlib.util.find_spec
+    installed = real("facenet_pytorch") is not None
+    assert detectors.default_detector() == ("mtcnn" if installed else "dlib")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "facenet_pytorch" else real(name, *a))
+    assert detectors.default_detector() == "dlib"

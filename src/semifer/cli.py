@@ -121,8 +121,9 @@ def _detector_options(a: argparse.Namespace) -> dict:
     return opts
 
 
-def _add_detector_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--detector", default="dlib", help="registered face detector (semifer detectors)")
+def _add_detector_args(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--detector", default=default, help="registered face detector (semifer detectors); auto = "
+                   "mtcnn where facenet-pytorch is installed, else dlib")
     p.add_argument("--detector-model", help="model file of an ONNX detector (e.g. SCRFD det_10g.onnx)")
     p.add_argument("--det-threshold", type=float, help="detector score threshold")
     p.add_argument("--detector-opt", action="append", metavar="KEY=VALUE", help="other detector option, e.g. upsample=0")
@@ -342,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="detect, align and crop faces of images, folders and videos")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder or video file")
     pr.add_argument("--out", required=True, help="output folder (re-running resumes)")
-    _add_detector_args(pr)
+    _add_detector_args(pr, default="dlib")  # prepared folders record their detector: dlib stays, so they resume
     pr.add_argument("--workers", type=int, default=2, help="worker processes (one source each)")
     pr.add_argument("--format", default="jpg", choices=["jpg", "png"], help="crop file format")
     pr.add_argument("--size", type=int, default=112, help="crop size (the face frame is scaled)")

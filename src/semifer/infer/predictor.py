@@ -66,7 +66,7 @@ def as_rgb(image) -> np.ndarray:
 class Predictor:
     """Detector + aligned crops + classifier (torch checkpoint or exported ``.onnx``)."""
 
-    def __init__(self, model: Path | str | None = None, detector: str = "dlib", detector_options: dict | None = None,
+    def __init__(self, model: Path | str | None = None, detector: str = "auto", detector_options: dict | None = None,
                  device: str = "cpu", batch_size: int = 64, detect_every: int = 1,
                  rotations: tuple[float, ...] = (), rotated_min_score: float = 0.95) -> None:
         from semifer.bundled import resolve_model
@@ -74,6 +74,9 @@ class Predictor:
         model = resolve_model(model)
         self.classifier = load_classifier(model, device)
         self.model_path = str(getattr(self.classifier, "path", model))
+        from semifer.faces.detectors import default_detector
+
+        detector = default_detector() if detector == "auto" else detector
         self.detector_name, self.detector_options = detector, dict(detector_options or {})
         self.detector = build_detector(detector, **self.detector_options)
         self.batch_size = int(batch_size)
