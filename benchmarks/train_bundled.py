@@ -66,7 +66,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bundled_{a.name}.json").write_text(json.dumps({**card, "confusion": s["confusion"]}, indent=1))
     plot_confusion(s["confusion"], out / f"bundled_{a.name}_confusion.png", title=f"{a.name} on fer2013/val")
-    path = pack(run, a.name, card)
+    path = pack(run, a.name, card, face_frame=cfg.data.face_frame)
     print(json.dumps(card["scores"]), f"-> {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 

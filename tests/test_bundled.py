@@ -36,8 +36,11 @@ def bundle_dir(tmp_path, monkeypatch, tiny_data):
     folder.mkdir()
     monkeypatch.setattr(bundled, "BUNDLED_DIR", folder)
     monkeypatch.setattr(bundled, "DEFAULT_MODEL", "tiny")
+    cfg.data.face_frame = "arcface112"   # as a run started before its frame was set
+    atomic_save({"model": model.state_dict(), "ema": model.state_dict(), "step": 5, "config": to_dict(cfg),
+                 "labels": list(ABAW_LABELS)}, tmp_path / "run" / "checkpoints" / "best.pt")
     bundled.pack(tmp_path / "run", "tiny", {"trained_on": "stripes", "scored_on": "stripes val",
-                                            "scores": {"accuracy": 0.5}}, folder)
+                                            "scores": {"accuracy": 0.5}}, folder, face_frame="fer2013")
     return folder
 
 

@@ -66,14 +66,20 @@ def card(name: str | None = None, folder: Path | None = None) -> dict:
             "face_frame": data.get("face_frame", "arcface112"), **ck.get("card", {})}
 
 
-def pack(checkpoint: Path | str, name: str, info: dict, folder: Path | None = None) -> Path:
-    """Write the selected weights of a run (or checkpoint file) as bundled model ``name`` with card ``info``."""
+def pack(checkpoint: Path | str, name: str, info: dict, folder: Path | None = None,
+         face_frame: str | None = None) -> Path:
+    """Write the selected weights of a run (or checkpoint file) as bundled model ``name`` with card ``info``.
+
+    ``face_frame`` overrides the checkpoint's: the frame describes the training crops and may be
+    set on a run after its best checkpoint was written (it is resume-free)."""
     from semifer.config import to_dict
     from semifer.engine.checkpoint import atomic_save
     from semifer.eval.report import load_model
     from semifer.labels import ABAW_LABELS
 
     model, cfg, ck = load_model(checkpoint, "cpu")
+    if face_frame is not None:
+        cfg.data.face_frame = face_frame
     out = (folder or BUNDLED_DIR) / f"{name}.pt"
     atomic_save({"model": {k: v.contiguous() for k, v in model.state_dict().items()}, "config": to_dict(cfg),
                  "labels": list(ABAW_LABELS), "step": ck.get("step"), "card": dict(info)}, out)
