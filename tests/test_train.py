@@ -84,3 +84,17 @@ def test_channels_last_setting_reaches_the_weights(tiny_data, tmp_path, setting)
     # The saved weights load into a plain (NCHW) model: only strides differ.
     from semifer.models import build_model
     build_model(cfg.model, 8, in_chans=cfg.data.channels).load_state_dict(ck["model"])
+
+
+@pytest.mark.parametrize("view", ["weak", "strong"])
+def test_labeled_augment_chooses_the_labeled_view(tiny_data, tmp_path, monkeypatch, view):
+    import semifer.engine.loop as loop
+
+    seen = []
+    real_weak, real_strong = loop.weak_view, loop.strong_view
+    monkeypatch.setattr(loop, "weak_view", lambda x, *a, **k: seen.append(("weak", len(x))) or real_weak(x, *a, **k))
+    monkeypatch.setattr(loop, "strong_view", lambda x, *a, **k: seen.append(("strong", len(x))) or real_strong(x, *a, **k))
+    cfg = tiny_config(tiny_data, tmp_path / view, algorithm="supervised", steps=2,
+                      data={"labeled_augment": view})
+    semifer.train(cfg)
+    assert seen == [(view, 16), (view, 16)]  # one labeled batch of 16 per step, in the chosen view
