@@ -123,3 +123,27 @@ def test_prepare_refuses_the_whole_image_detector_before_writing(tmp_path):
     with pytest.raises(ValueError, match="needs a face detector"):
         prepare([str(tmp_path)], tmp_path / "out", detector="whole")
     assert not (tmp_path / "out").exists()
+
+
+def test_crops_cut_in_another_face_frame_are_refused(tmp_path):
+    import json
+
+    from semifer.faces.prepare import check_frame, prepared_frame
+
+    fer, plain, loose = tmp_path / "fer", tmp_path / "plain", tmp_path / "loose"
+    for d, settings in ((fer, {"detector": "mtcnn", "frame": "fer2013"}), (plain, {"detector": "dlib"})):
+        (d / "crops").mkdir(parents=True)
+        (d / "prepare.json").write_text(json.dumps(settings))
+        (d / "manifest.csv").write_text("")
+    loose.mkdir()
+    assert prepared_frame(f"folder:{fer / 'crops'}") == "fer2013"
+    assert prepared_frame(f"list:{fer / 'manifest.csv'}") == "fer2013"
+    assert prepared_frame(f"stream:folder:{fer}") == "fer2013"
+    assert prepared_frame(f"folder:{plain / 'crops'}") == "arcface112"   # written before frames existed
+    assert prepared_frame(f"folder:{loose}") is None and prepared_frame("synthetic:labeled") is None
+    check_frame(f"folder:{fer / 'crops'}", "fer2013", "data.face_frame")
+    check_frame(f"folder:{loose}", "fer2013", "data.face_frame")
+    with pytest.raises(ValueError, match="data.face_frame=fer2013"):
+        check_frame(f"folder:{fer / 'crops'}", "arcface112", "data.face_frame")
+    with pytest.raises(ValueError, match="--frame fer2013"):
+        check_frame(f"folder:{plain / 'crops'}", "fer2013", "data.face_frame")

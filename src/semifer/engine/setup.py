@@ -72,6 +72,11 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device, amp: torch.
     rank, world = dist.rank(), dist.world_size()
     pin = device.type == "cuda"  # pinned host batches: host->device copies run async (non_blocking)
     C = NUM_CLASSES
+    from semifer.faces.prepare import check_frame
+
+    for spec in [cfg.data.labeled, cfg.data.val, cfg.data.test, *cfg.data.unlabeled]:
+        if spec:
+            check_frame(spec, cfg.data.face_frame, "data.face_frame")
     source = _nonempty(_labeled(load_source(cfg.data.labeled, cfg.data)), cfg.data.labeled, "data.labeled")
     labeled, val, rest = _split_labeled(source, cfg, run_dir)
     labeled, holdout = _split_holdout(labeled, cfg, run_dir)

@@ -150,6 +150,32 @@ def _rewrite(path: Path, header: list[str], rows: list[list]) -> None:
     os.replace(tmp, path)
 
 
+def prepared_frame(spec: str) -> str | None:
+    """The face frame of crops written by ``semifer prepare``, from the ``prepare.json`` beside
+    or above a source (``FORMAT:PATH``: the folder, ``crops/`` in it, or its manifest); None
+    when the source was not made by ``prepare``."""
+    rest = spec
+    while ":" in rest and not Path(rest).exists() and rest.partition(":")[0].isalpha():
+        rest = rest.partition(":")[2]   # FORMAT: prefixes (stream:folder:PATH)
+    path = Path(rest)
+    for folder in (path, path.parent, path.parent.parent):
+        p = folder / "prepare.json"
+        if p.is_file():
+            try:
+                return json.loads(p.read_text()).get("frame", "arcface112")
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def check_frame(spec: str, frame: str, key: str) -> None:
+    """Refuse crops that ``prepare`` cut in another face frame than ``frame`` (the model's)."""
+    cut = prepared_frame(spec)
+    if cut is not None and cut != frame:
+        raise ValueError(f"{spec} holds crops cut in face frame {cut!r} (its prepare.json), but {key} is {frame!r}: "
+                         f"set {key}={cut}, or prepare the faces again with --frame {frame}")
+
+
 def _check_settings(out: Path, settings: dict) -> None:
     p = out / "prepare.json"
     if p.is_file():

@@ -235,6 +235,10 @@ def pseudolabel(checkpoint: Path | str, unlabeled: list[str], out: Path | str, b
     model, cfg, ckpt, path, weights = load_teacher(checkpoint, device)
     policy, thr, thr_from = threshold_policy(threshold, ckpt, path)
     calibrated = calibrating(policy)
+    from semifer.faces.prepare import check_frame
+
+    for spec in unlabeled:
+        check_frame(spec, cfg.data.face_frame, f"the teacher's data.face_frame ({path})")
     sources = [(spec, _open(spec, cfg)) for spec in unlabeled]
     stat = path.stat()
     info = {"checkpoint": str(path), "weights": weights, "unlabeled": list(unlabeled),
