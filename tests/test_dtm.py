@@ -337,3 +337,20 @@ def test_thresholds_registry_names():
     assert THRESHOLDS.get("dtm") is PrecisionThreshold
     assert ALGORITHMS.get("dtm").uses_holdout and ALGORITHMS.get("dtm_rounds").uses_holdout
     assert not ALGORITHMS.get("dtm_flex").uses_holdout
+
+
+def test_dtm_rounds_consistency_draws_accepted_and_uniform_faces_and_learns_from_both(tiny_data, tmp_path):
+    from semifer.config import SSLConfig
+    alg = ALGORITHMS.get("dtm_rounds")(SSLConfig(rounds=1, round_consistency=1.0), 8, torch.ones(8), num_unlabeled=50)
+    assert alg.unlabeled_views == ("weak", "strong")      # the teacher needs the weak view of the uniform half
+    alg.round.fill_(0)
+    alg.accepted[:5] = True
+    alg.pseudo[:5] = torch.arange(5)
+    idx = alg.unlabeled_indices(0, torch.Generator().manual_seed(0), 64)
+    assert idx.shape == (64,) and bool((idx[0::2] < 5).all())   # even slots: accepted faces only
+    assert int((idx[1::2] >= 5).sum()) > 20                     # odd slots: drawn from all 50
+    cfg = tiny_config(tiny_data, tmp_path / "c", algorithm="dtm_rounds", steps=16,
+                      ssl={**ROUNDS, "round_consistency": 1.0, "tau": 0.0}, run={"checkpoint_every": 4, "eval_every": 4})
+    res = semifer.train(cfg)
+    train = [r for r in read_metrics(res.run_dir) if r["kind"] == "train" and r.get("loss_u") is not None]
+    assert train and all(r["consistency_mask_rate"] == 1.0 and r["loss_c"] > 0 for r in train)   # tau 0: every face counts

@@ -123,6 +123,10 @@ class SSLConfig:
     pseudo_targets: Literal["hard", "soft"] = "hard"
     pseudo_sampling: Literal["class_balanced", "uniform"] = "class_balanced"
     max_oversample: float = 10.0    # class_balanced: no face drawn more than k x as often as uniform
+    # dtm_rounds: weight of a FixMatch-style consistency term (EMA teacher on the weak view, fixed
+    # ssl.tau) on a uniform draw of the unlabeled faces beside the round's accepted ones; the
+    # unlabeled batch (mu x batch) is then split half accepted, half uniform. 0 = off
+    round_consistency: float = 0.0
     # FreeMatch only
     freematch_momentum: float = 0.999
     # Weight of FreeMatch's self-adaptive fairness loss (sign as published, ssl/losses.py); 0.001 is

@@ -12,7 +12,10 @@ happy ones), strongly augmented, next to the usual weak labeled batch:
 
 with hard (argmax) or soft (calibrated probabilities) targets. No teacher forward and no
 second view per step, so a step costs what a supervised step on (1 + mu) x batch images
-costs. The labels of a round live in buffers (``targets``, ``accepted``, ``round``), so a
+costs. With ``ssl.round_consistency`` = w > 0, half of the unlabeled batch is drawn uniformly
+from all unlabeled faces instead, and those faces add FixMatch's term (EMA teacher on the weak
+view, fixed threshold ``ssl.tau``): + w * mean_j 1[max p_j >= tau] CE(student(strong(u_j)), argmax p_j),
+so the faces no round accepts still shape the student. The labels of a round live in buffers (``targets``, ``accepted``, ``round``), so a
 run resumed mid-round continues with exactly the same pseudo-labels.
 """
 from __future__ import annotations
@@ -78,6 +81,8 @@ class DTMRounds(Algorithm):
         self.register_buffer("pseudo", torch.full((num_unlabeled,), -1, dtype=torch.long))
         self.unlabeled = None
         self.holdout = None
+        if cfg.round_consistency > 0:
+            self.unlabeled_views = ("weak", "strong")
 
     def bind(self, unlabeled=None, holdout=None) -> None:
         if unlabeled is None:
@@ -155,7 +160,15 @@ class DTMRounds(Algorithm):
             w = balanced_weights(pred, acc, self.num_classes, self.cfg.max_oversample)
         else:
             w = acc.float()
-        return torch.multinomial(w, global_batch, replacement=True, generator=gen)
+        if self.cfg.round_consistency <= 0:
+            return torch.multinomial(w, global_batch, replacement=True, generator=gen)
+        # Interleaved (accepted, uniform) pairs, so every rank's slice holds both halves.
+        n = global_batch // 2
+        chosen = torch.multinomial(w, global_batch - n, replacement=True, generator=gen)
+        anywhere = torch.randint(0, acc.numel(), (n,), generator=gen)
+        out = torch.empty(global_batch, dtype=torch.long)
+        out[0::2], out[1::2] = chosen, anywhere
+        return out
 
     def step(self, student: nn.Module, teacher: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, Logs]:
         if "x_us" not in batch:
@@ -163,16 +176,31 @@ class DTMRounds(Algorithm):
         x_l, y_l, x_us, idx = batch["x_l"], batch["y_l"], batch["x_us"], batch["idx_u"]
         logits = student(torch.cat([x_l, x_us]))
         logits_l, logits_u = logits[:x_l.shape[0]], logits[x_l.shape[0]:].float()
+        extra: Logs = {}
+        loss_c = None
+        if self.cfg.round_consistency > 0:
+            # even positions: the round's accepted faces; odd: uniform draws (unlabeled_indices)
+            with torch.no_grad():
+                probs = teacher(batch["x_uw"][1::2]).float().softmax(1)
+            conf, guess = probs.max(1)
+            mask = (conf >= self.cfg.tau).float()
+            loss_c = (F.cross_entropy(logits_u[1::2], guess, reduction="none") * mask).mean()
+            extra = {"loss_c": loss_c.detach(), "consistency_mask_rate": mask.mean()}
+            logits_u, idx = logits_u[0::2], idx[0::2]
+            if batch.get("y_u_true") is not None:
+                batch = {**batch, "y_u_true": batch["y_u_true"][0::2]}
         target = self.targets[idx].float()
         loss_x = self.labeled_loss(logits_l, y_l)
         loss_u = -(target * logits_u.log_softmax(1)).sum(1).mean()
         lam = self.unlabeled_weight(step)
         loss = loss_x + lam * loss_u
+        if loss_c is not None:
+            loss = loss + self.cfg.round_consistency * loss_c
         pseudo = self.pseudo[idx]
         mix = torch.bincount(pseudo, minlength=self.num_classes)[:self.num_classes].float() / max(len(idx), 1)
         logs: Logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
                       "mask_rate": self.accepted.float().mean(), "lambda_u": torch.tensor(lam),
-                      "thresholds": self.policy.thresholds().detach().clone(), "pseudo_class_mix": mix}
+                      "thresholds": self.policy.thresholds().detach().clone(), "pseudo_class_mix": mix, **extra}
         if batch.get("y_u_true") is not None:
             known = batch["y_u_true"] >= 0
             logs["pseudo_acc"] = ((pseudo == batch["y_u_true"]) & known).float().sum() / known.float().sum().clamp_min(1)
