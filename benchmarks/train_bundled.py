@@ -1,7 +1,7 @@
 """Train (or resume) the bundled expression model and pack it into the package, with its card.
 
     python benchmarks/train_bundled.py [--config configs/bundled_fer2013.yaml] [--name fer2013-cnn24]
-        [--stop-after N] [--pack-only]
+        [--stop-after N] [--threads N] [--pack-only]
 
 1. ``semifer train --config CONFIG`` (resumes the run directory; ``--stop-after`` splits it
    across sessions). The run scores fer2013/val once, with the checkpoint chosen on its own
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "bundled_fer2013.yaml")
     ap.add_argument("--name", default="fer2013-cnn24")
     ap.add_argument("--stop-after", type=int)
+    ap.add_argument("--threads", type=int, help="torch threads (run.threads; changing it on resume is allowed)")
     ap.add_argument("--pack-only", action="store_true", help="skip training (the run must have finished)")
     a = ap.parse_args()
     import numpy as np
@@ -40,7 +41,7 @@ def main() -> None:
 
     a.config = a.config.resolve()
     shown = a.config.relative_to(ROOT) if a.config.is_relative_to(ROOT) else a.config
-    cfg = load_config(a.config, overrides=["run.progress=false"])
+    cfg = load_config(a.config, overrides=["run.progress=false"] + ([f"run.threads={a.threads}"] if a.threads else []))
     run = Path(cfg.run.out)
     if not a.pack_only:
         train(cfg, stop_after=a.stop_after)

@@ -239,6 +239,23 @@ def test_mtcnn_finds_the_astronaut_and_refits_her_in_a_moved_frame(mtcnn):
     assert mtcnn.refine(skdata.coffee(), faces) == []  # no face there any more
 
 
+def test_mtcnn_searches_again_with_looser_stages_only_where_nothing_was_found(mtcnn, monkeypatch):
+    calls = []
+    real = mtcnn.net.detect
+
+    def spy(img, landmarks=True):
+        calls.append(list(mtcnn.net.thresholds))
+        return real(img, landmarks=landmarks)
+
+    monkeypatch.setattr(mtcnn.net, "detect", spy)
+    assert len(mtcnn(skdata.astronaut())) == 1
+    assert calls == [mtcnn.stage_thresholds]                          # found at once: one pass
+    calls.clear()
+    assert mtcnn(skdata.coffee()) == []
+    assert calls == [mtcnn.stage_thresholds, mtcnn.retry_stage_thresholds]   # nothing: a looser second pass
+    assert mtcnn.net.thresholds == mtcnn.stage_thresholds                    # ... and the usual stages restored
+
+
 @pytest.mark.parametrize("name", ["coffee", "chelsea", "rocket", "brick"])
 def test_mtcnn_pictures_without_faces(mtcnn, name):
     img = getattr(skdata, name)()

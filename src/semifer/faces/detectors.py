@@ -239,27 +239,45 @@ class MtcnnDetector:
 
     # min_face 40: smaller faces carry little expression at 48 px; the pyramid's cost grows
     # fast below that (640x480: 330 ms at 20 px, 175 ms at 40, 107 ms at 80 on one thread).
+    # retry: an image where the usual cascade finds nothing is searched once more with looser
+    # stage thresholds (docs/inference.md: found 87.8 % -> 92.5 % of pasted FER2013 faces); the
+    # second pass costs time only on images without a face.
     def __init__(self, threshold: float = 0.9, min_face: int = 40, max_side: int = 1024,
-                 stage_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)) -> None:
+                 stage_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+                 retry_threshold: float | None = 0.8,
+                 retry_stage_thresholds: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> None:
         try:
             from facenet_pytorch import MTCNN
         except ImportError:
             raise ImportError("the mtcnn detector needs facenet-pytorch: pip install --no-deps "
                               "facenet-pytorch==2.6.0 requests (make install does)") from None
         self.threshold, self.max_side = float(threshold), int(max_side)
+        self.stage_thresholds = [float(t) for t in stage_thresholds]
+        self.retry_threshold = None if retry_threshold is None else float(retry_threshold)
+        self.retry_stage_thresholds = [float(t) for t in retry_stage_thresholds]
         self.net = MTCNN(keep_all=True, device="cpu", min_face_size=int(min_face),
-                         thresholds=[float(t) for t in stage_thresholds], post_process=False)
+                         thresholds=self.stage_thresholds, post_process=False)
 
     def __call__(self, image: np.ndarray) -> list[Face]:
         h, w = image.shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
-        small = image if scale == 1.0 else np.asarray(
-            Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR))
-        boxes, probs, points = self.net.detect(np.ascontiguousarray(small), landmarks=True)
+        small = np.ascontiguousarray(image if scale == 1.0 else np.asarray(
+            Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)))
+        faces = self._detect(small, scale, self.stage_thresholds, self.threshold)
+        if not faces and self.retry_threshold is not None:
+            faces = self._detect(small, scale, self.retry_stage_thresholds, self.retry_threshold)
+        return faces
+
+    def _detect(self, small: np.ndarray, scale: float, stages: list[float], threshold: float) -> list[Face]:
+        self.net.thresholds = stages
+        try:
+            boxes, probs, points = self.net.detect(small, landmarks=True)
+        finally:
+            self.net.thresholds = self.stage_thresholds
         if boxes is None:
             return []
         faces = [Face(np.asarray(b, np.float64) / scale, float(p), np.asarray(k, np.float64) / scale, self.scheme)
-                 for b, p, k in zip(boxes, probs, points) if p >= self.threshold]
+                 for b, p, k in zip(boxes, probs, points) if p >= threshold]
         return sorted(faces, key=lambda f: -f.score)
 
     def refine(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
