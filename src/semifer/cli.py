@@ -243,6 +243,28 @@ def _cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        from semifer.serve import create_app, serve
+    except ImportError as e:
+        raise ImportError(f"semifer serve needs the serve extra ({e}): pip install 'semifer[serve]'") from None
+    from semifer.engine.threads import apply_threads
+
+    if a.checkpoint and a.model:
+        raise ValueError("serve takes MODEL or --model, not both")
+    apply_threads(a.threads or 0)
+    app = create_app(a.checkpoint or a.model, runs=a.runs, detector=a.detector, detector_options=_detector_options(a),
+                     detect_every=a.detect_every, max_upload_mb=a.max_upload_mb)
+    info = app.state.photos.predictor
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"semifer serve: listening on {a.host}: anyone who can reach this machine can upload files "
+              "and read the runs", file=sys.stderr)
+    print(f"semifer serve: http://{a.host}:{a.port}/  (model {info.model_path}, detector {info.detector_name}, "
+          f"runs {app.state.runs.root or 'none'}; Ctrl-C stops)", flush=True)
+    serve(app, a.host, a.port)
+    return 0
+
+
 def _cmd_abaw(a: argparse.Namespace) -> int:
     from semifer.infer.run import write_abaw_from_csv
 
@@ -397,6 +419,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--onnx", required=True, help="output .onnx file")
     ex.add_argument("--opset", type=int, default=18)
     ex.set_defaults(func=_cmd_export)
+
+    sv = sub.add_parser("serve", help="local web app: photos, video, webcam and a dashboard of training runs",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sv.add_argument("checkpoint", nargs="?", metavar="MODEL",
+                    help="run directory, checkpoint file, exported .onnx or bundled model name; left out: the "
+                         "bundled model")
+    sv.add_argument("--model", help="same as MODEL")
+    sv.add_argument("--runs", default="runs", help="folder searched for run directories (the dashboard)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
+    sv.add_argument("--port", type=int, default=7860)
+    sv.add_argument("--max-upload-mb", type=float, default=50.0, help="largest request (photos or one video)")
+    sv.add_argument("--detector", default="auto", help="registered face detector (semifer detectors)")
+    sv.add_argument("--detector-model", help="model file of an ONNX detector")
+    sv.add_argument("--det-threshold", type=float, help="detector score threshold")
+    sv.add_argument("--detector-opt", action="append", metavar="KEY=VALUE", help="other detector option")
+    sv.add_argument("--detect-every", type=int, default=5, metavar="N", help="video: full detection every N frames")
+    sv.add_argument("--threads", type=int, help="CPU threads (default: the allowed CPUs not busy with other work)")
+    sv.set_defaults(func=_cmd_serve)
 
     ab = sub.add_parser("abaw", help="ABAW challenge files from a predictions.csv")
     ab.add_argument("predictions", help="predictions.csv written by semifer predict")
