@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.semifer-installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install clean-venv browser
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,7 +21,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/semifer demo --out runs/demo
 
-test: $(STAMP)
+# Headless Chromium for the web app's browser test (tests/test_serve.py): Debian's packages,
+# installed only where missing and where apt-get can run (root); elsewhere that test skips and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make: installing chromium and chromium-driver (apt-get) for the web app's browser test"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	    || echo "make: apt-get could not install chromium: the browser test will be skipped"; \
+	else echo "make: no chromium and no root apt-get here: the browser test will be skipped"; fi
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean-venv:
