@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -140,29 +141,39 @@ def create_app(model=None, runs: Path | str | None = None, detector: str = "auto
 
     @app.post("/api/photos")
     def post_photos(files: list[UploadFile] = File(...), live: bool = Form(False)):
-        if not files or len(files) > MAX_FILES:
-            raise HTTPException(400, f"send between 1 and {MAX_FILES} photos at a time")
-        job, folder = photos.folders.new()
-        try:
+        if not files or len(files) > (1 if live else MAX_FILES):
+            raise HTTPException(400, f"send between 1 and {1 if live else MAX_FILES} photo(s) at a time")
+
+        def saved(folder: Path) -> list[tuple[str, Path]]:
             uploads = []
             for i, up in enumerate(files):
                 name = up.filename or f"photo{i}"
-                path = folder / "upload" / f"{i:03d}" / safe_name(name)
+                path = folder / f"{i:03d}" / safe_name(name)
                 path.parent.mkdir(parents=True)
                 save(up, path)
                 uploads.append((name, path))
-            if live:
-                return {"job": None, "results": [photos.predict_live(*uploads[0])]}
-            results = photos.predict(uploads, folder)
-        except UserError as e:
-            raise HTTPException(400, str(e)) from None
+            return uploads
+
+        if live:  # a webcam frame: answered, then forgotten (not one of the kept photo results)
+            folder = work / "live" / uuid.uuid4().hex
+            try:
+                return {"job": None, "csv": None, "results": [photos.predict_live(*saved(folder)[0])]}
+            except UserError as e:
+                raise HTTPException(400, str(e)) from None
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        job, folder = photos.folders.new()
+        try:
+            results = photos.predict(saved(folder / "upload"), folder)
+        except BaseException:
+            photos.folders.drop(job)
+            raise
         finally:
-            # uploads are not kept; a photo request keeps its CSV (for the download link), a webcam frame nothing
-            shutil.rmtree(folder / "upload", ignore_errors=True)
-            if live or not (folder / "predictions.csv").is_file():
-                photos.folders.drop(job)
-        csv_url = f"/api/photos/{job}/predictions.csv" if photos.folder(job) else None
-        return {"job": job if csv_url else None, "csv": csv_url, "results": results}
+            shutil.rmtree(folder / "upload", ignore_errors=True)  # only the CSV is kept, for the download link
+        if not (folder / "predictions.csv").is_file():  # nothing readable in the request
+            photos.folders.drop(job)
+            return {"job": None, "csv": None, "results": results}
+        return {"job": job, "csv": f"/api/photos/{job}/predictions.csv", "results": results}
 
     @app.get("/api/photos/{job}/predictions.csv")
     def photo_csv(job: str):

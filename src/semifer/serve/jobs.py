@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from semifer.faces.media import IMAGE_EXTS, VIDEO_EXTS, Media, MediaError, load_rgb, video_info
-from semifer.infer.run import PRED_COLUMNS, predict_media, write_abaw_from_csv
+from semifer.infer.run import predict_media, write_abaw_from_csv
 from semifer.labels import ABAW_LABELS
 
 _REASONS = {
@@ -136,8 +136,8 @@ class PhotoService:
 
     def __init__(self, predictor, workdir: Path, keep: int = 20) -> None:
         self.predictor = predictor
-        # One thread does all photo inference: the detector is not made for two threads at once
-        # (the CPU is the limit anyway), and memory freed by one thread is reused by the next
+        # One thread decodes and predicts every photo: the detector is not made for two threads at
+        # once (the CPU is the limit anyway), and memory freed by one thread is reused by the next
         # photo instead of staying in a malloc arena per request thread (RSS would creep up).
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semifer-photos")
         self.folders = _Folders(workdir / "photos", keep)
@@ -153,6 +153,13 @@ class PhotoService:
 
     def predict(self, uploads: list[tuple[str, Path]], job_dir: Path) -> list[dict]:
         """Per upload (name, saved path): its size and faces or an error; writes job_dir/predictions.csv."""
+        return self._run(self._predict, uploads, job_dir)
+
+    def predict_live(self, name: str, path: Path) -> dict:
+        """One webcam frame: faces only, no CSV."""
+        return self._run(self._predict_live, name, path)
+
+    def _predict(self, uploads: list[tuple[str, Path]], job_dir: Path) -> list[dict]:
         results, readable = [], {}
         for name, path in uploads:
             res = {"name": name, "width": 0, "height": 0, "faces": [], "error": None}
@@ -167,7 +174,7 @@ class PhotoService:
             res["height"], res["width"] = rgb.shape[:2]  # the pixels are not kept: predict_media decodes the file
             readable[str(path.resolve())] = res
         if readable:
-            self._run(lambda: predict_media(self.predictor, list(readable), job_dir, progress=False))
+            predict_media(self.predictor, list(readable), job_dir, progress=False)
             by_source: dict[str, list[dict]] = {}
             for row in _read_rows(job_dir / "predictions.csv"):
                 by_source.setdefault(row["source"], []).append(row)
@@ -178,12 +185,11 @@ class PhotoService:
             _rename_sources(job_dir / "predictions.csv", {src: res["name"] for src, res in readable.items()})
         return results
 
-    def predict_live(self, name: str, path: Path) -> dict:
-        """One webcam frame: faces only, nothing kept on disk."""
+    def _predict_live(self, name: str, path: Path) -> dict:
         rgb, reason = load_rgb(path)
         if rgb is None:
             raise UserError(f"{name}: {_REASONS.get(reason, reason)}")
-        p = self._run(self.predictor.predict, rgb)
+        p = self.predictor.predict(rgb)
         faces = [{"box": [round(float(v), 1) for v in b], "score": float(s), "probs": [float(v) for v in pr],
                   "label": ABAW_LABELS[int(pr.argmax())]} for b, s, pr in zip(p.boxes, p.scores, p.probs)]
         return {"name": name, "width": rgb.shape[1], "height": rgb.shape[0], "faces": faces,
@@ -364,4 +370,4 @@ def _browser_copy(mp4: Path, out: Path) -> tuple[Path | None, list[Path]]:
     return (webm_path if ok else None), thumbs
 
 
-__all__ = ["PhotoService", "VideoJobs", "VideoJob", "UserError", "safe_name", "PRED_COLUMNS", "NO_FACE"]
+__all__ = ["PhotoService", "VideoJobs", "VideoJob", "UserError", "safe_name"]
