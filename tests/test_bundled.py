@@ -99,3 +99,37 @@ def test_the_shipped_model_predicts_the_astronaut_offline(monkeypatch):
     assert len(r) == 1
     np.testing.assert_allclose(r.probs.sum(1), 1.0, atol=1e-5)
     assert r.labels == ["Happiness"]  # she smiles
+
+
+def test_prior_adjustment_picks_the_tau_that_lifts_a_starved_class_and_folds_into_the_head(tmp_path):
+    import torch
+
+    from semifer.bundled import adjustment_bias, prior_adjustment
+
+    # Class 2 (disgust) is rare in training and its logits sit 1.0 below where they should be:
+    # the balanced rule (tau 1, + log 10 ~ 2.3) over-corrects, tau 0.5 (+1.15) is right.
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (600,), generator=g)
+    logits = torch.randn(600, 8, generator=g) * 0.3
+    logits[torch.arange(600), y] += 1.0
+    logits[:, 2] -= 1.0
+    logits[:, 3:] -= 10.0
+    prior = torch.tensor([0.45, 0.45, 0.1, 0, 0, 0, 0, 0])
+    tau, by_tau = prior_adjustment(logits, y.numpy(), prior)
+    assert by_tau[0.0] < by_tau[tau] and by_tau[1.5] < by_tau[tau] and 0.25 <= tau <= 0.75
+    bias = adjustment_bias(prior, tau)
+    assert bias[2] > bias[0] == bias[1] and torch.all(bias[3:] == 0)   # unseen classes untouched
+
+
+def test_pack_folds_a_head_bias_into_the_weights(bundle_dir, tmp_path):
+    import torch
+
+    from semifer.eval.report import load_model
+
+    bias = torch.arange(8, dtype=torch.float32) / 10
+    plain = bundled.pack(tmp_path / "run", "plain", {}, bundle_dir)
+    shifted = bundled.pack(tmp_path / "run", "shifted", {}, bundle_dir, head_bias=bias)
+    x = torch.rand(3, 1, 24, 24)
+    with torch.no_grad():
+        diff = load_model(shifted)[0](x) - load_model(plain)[0](x)
+    assert torch.allclose(diff, bias.expand(3, 8), atol=1e-5)

@@ -66,12 +66,52 @@ def card(name: str | None = None, folder: Path | None = None) -> dict:
             "face_frame": data.get("face_frame", "arcface112"), **ck.get("card", {})}
 
 
+def prior_adjustment(logits, labels, prior, taus=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)) -> tuple[float, dict]:
+    """Post-hoc logit adjustment (Menon et al., ICLR 2021) chosen for macro-F1 on a held-out slice.
+
+    Scores ``argmax(logits - tau * log prior)`` for each ``tau`` on (``logits``, ``labels``), with
+    ``prior`` the training class shares (classes with no training faces are left alone), and
+    returns the ``tau`` with the best macro-F1 over the classes present (the smallest on ties)
+    and every tau's score. ``tau`` = 1 is the balanced decision rule; 0 leaves the model as trained.
+    """
+    import numpy as np
+    import torch
+
+    from semifer.eval.metrics import classification_scores
+    from semifer.labels import ABAW_LABELS
+
+    logits = torch.as_tensor(logits).float()
+    y = np.asarray(labels)
+    log_prior = torch.as_tensor(prior).float().clamp_min(0).log()
+    seen = torch.isfinite(log_prior)
+    present = sorted(set(y.tolist()))
+    scores = {}
+    for tau in taus:
+        pred = (logits - tau * torch.where(seen, log_prior, torch.zeros_like(log_prior))).argmax(1).numpy()
+        per = classification_scores(y, pred, ABAW_LABELS)["per_class_f1"]
+        scores[float(tau)] = float(np.mean([per[ABAW_LABELS[i]] for i in present]))
+    best = max(scores, key=lambda t: (round(scores[t], 6), -t))
+    return best, scores
+
+
+def adjustment_bias(prior, tau: float):
+    """The head-bias change that applies ``logits - tau * log prior`` (zero for unseen classes)."""
+    import torch
+
+    log_prior = torch.as_tensor(prior).float().clamp_min(0).log()
+    return torch.where(torch.isfinite(log_prior), -tau * log_prior, torch.zeros_like(log_prior))
+
+
 def pack(checkpoint: Path | str, name: str, info: dict, folder: Path | None = None,
-         face_frame: str | None = None) -> Path:
+         face_frame: str | None = None, head_bias=None) -> Path:
     """Write the selected weights of a run (or checkpoint file) as bundled model ``name`` with card ``info``.
 
     ``face_frame`` overrides the checkpoint's: the frame describes the training crops and may be
-    set on a run after its best checkpoint was written (it is resume-free)."""
+    set on a run after its best checkpoint was written (it is resume-free). ``head_bias`` (one
+    value per class) is added to the classifier's output bias, e.g. :func:`adjustment_bias`, so
+    predict, evaluate and the ONNX export all apply it."""
+    import torch
+
     from semifer.config import to_dict
     from semifer.engine.checkpoint import atomic_save
     from semifer.eval.report import load_model
@@ -80,6 +120,9 @@ def pack(checkpoint: Path | str, name: str, info: dict, folder: Path | None = No
     model, cfg, ck = load_model(checkpoint, "cpu")
     if face_frame is not None:
         cfg.data.face_frame = face_frame
+    if head_bias is not None:
+        with torch.no_grad():
+            model.head.bias += torch.as_tensor(head_bias, dtype=model.head.bias.dtype)
     out = (folder or BUNDLED_DIR) / f"{name}.pt"
     atomic_save({"model": {k: v.contiguous() for k, v in model.state_dict().items()}, "config": to_dict(cfg),
                  "labels": list(ABAW_LABELS), "step": ck.get("step"), "card": dict(info)}, out)
