@@ -60,7 +60,7 @@ def test_pack_list_and_resolve(bundle_dir, tmp_path, capsys):
     assert "tiny (default)" in out and "face frame fer2013" in out and "accuracy 0.500" in out
 
 
-def test_every_entry_point_uses_the_bundled_model(bundle_dir, tmp_path, tiny_data):
+def test_every_entry_point_uses_the_bundled_model(bundle_dir, tmp_path, tiny_data, capsys):
     photo = tmp_path / "astronaut.jpg"
     Image.fromarray(astronaut(512)).save(photo)
     r = semifer.Predictor().predict(str(photo))
@@ -70,7 +70,11 @@ def test_every_entry_point_uses_the_bundled_model(bundle_dir, tmp_path, tiny_dat
         rows = list(csv.DictReader(f))
     assert len(rows) == 1
     np.testing.assert_allclose([float(rows[0][k]) for k in ABAW_LABELS], r.probs[0], atol=1e-5)
-    assert main(["predict", "--model", "tiny", str(photo), "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", "tiny", str(photo), "--out", str(tmp_path / "q")]) == 0
+    label = ABAW_LABELS[int(r.probs[0].argmax())]
+    # A photo's answer on the console: one line per face, label and probability.
+    assert f"astronaut.jpg face 0: {label} {r.probs[0].max():.2f}" in capsys.readouterr().out
     assert main(["evaluate", "--model", "tiny", "--data", tiny_data["val"]]) == 0
     pytest.importorskip("onnxscript")
     assert main(["export", "--model", "tiny", "--onnx", str(tmp_path / "tiny.onnx")]) == 0

@@ -179,12 +179,32 @@ def _cmd_predict(a: argparse.Namespace) -> int:
             print(f"  {n} x {reason}: {', '.join(rep.skips.examples.get(reason, []))}", file=sys.stderr)
         print(rep.summary(), file=sys.stderr)
         return 1
+    if not a.quiet:
+        _print_faces(rep.csv)
     print(rep.summary())
     if rep.skips.total:
         print(f"skipped {rep.skips.total} input(s): {rep.skips.summary()}")
     for f in rep.abaw_files:
         print(f"ABAW: {f}")
     return 0
+
+
+def _print_faces(csv_path, limit: int = 20) -> None:
+    """One line per face (label, its probability, box) when the CSV is short enough to read:
+    `semifer predict photo.jpg` answers on the console; videos and folders stay in the CSV."""
+    import csv
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or len(rows) > limit:
+        return
+    for r in rows:
+        where = r["source"] + (f" frame {r['frame']}" if r["frame"] not in ("", "0") else "")
+        if r["label"] == "none":
+            print(f"  {where}: no face found")
+        else:
+            box = ",".join(str(round(float(r[k]))) for k in ("x1", "y1", "x2", "y2"))
+            print(f"  {where} face {r['face']}: {r['label']} {float(r[r['label']]):.2f}  (box {box})")
 
 
 def _add_shard_args(p: argparse.ArgumentParser, cmd: str) -> None:
