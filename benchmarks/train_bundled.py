@@ -6,7 +6,7 @@
 1. ``semifer train --config CONFIG`` (resumes the run directory; ``--stop-after`` splits it
    across sessions). The run scores fer2013/val once, with the checkpoint chosen on its own
    held-out 5 % of train.
-2. Chooses a post-hoc logit adjustment ``logits - tau * log(train prior)`` for macro-F1 on the
+2. Chooses mirror averaging (on/off) and a post-hoc logit adjustment ``logits - tau * log(train prior)`` for macro-F1 on the
    run's own held-out 5 % of train (``semifer.bundled.prior_adjustment``; fer2013/val plays no
    part) and folds it into the head's bias.
 3. Scores the packed model on the config's test set: accuracy, macro-F1 over the 7 classes
@@ -52,9 +52,9 @@ def main() -> None:
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     if last["step"] < cfg.optim.steps:
         sys.exit(f"{run} is at step {last['step']} of {cfg.optim.steps}: train it to the end first")
-    tau, by_tau, bias = held_out_adjustment(run, cfg)
-    print(f"logit adjustment on the held-out split: tau {tau} (macro-F1 by tau: {by_tau})")
-    path = pack(run, a.name, {}, face_frame=cfg.data.face_frame, head_bias=bias)
+    mirror, tau, by_tau, bias = held_out_choice(run, cfg)
+    print(f"on the held-out split: mirror_average {mirror}, logit adjustment tau {tau} (macro-F1 (7): {by_tau})")
+    path = pack(run, a.name, {}, face_frame=cfg.data.face_frame, head_bias=bias, mirror_average=mirror)
     raw, s = evaluate_path(run, data=cfg.data.test), evaluate_path(path, data=cfg.data.test)
     present = [n for n, row in zip(ABAW_LABELS, s["confusion"]) if sum(row) > 0]
 
@@ -69,8 +69,9 @@ def main() -> None:
         "scored_on": f"{cfg.data.test} ({s['count']} faces)",
         "scores": summary(s),
         "per_class_f1": {n: s["per_class_f1"][n] for n in present},
-        "logit_adjustment": {"tau": tau, "held_out_macro_f1_7_by_tau": by_tau,
-                             "head_bias": [round(float(b), 6) for b in bias]},
+        "mirror_average": mirror,
+        "logit_adjustment": {"tau": tau, "head_bias": [round(float(b), 6) for b in bias]},
+        "held_out_macro_f1_7": by_tau,
         "scores_without_adjustment": summary(raw),
         "per_class_f1_without_adjustment": {n: raw["per_class_f1"][n] for n in present},
         "command": f"python benchmarks/train_bundled.py --config {shown}",
@@ -82,13 +83,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bundled_{a.name}.json").write_text(json.dumps({**card, "confusion": s["confusion"]}, indent=1))
     plot_confusion(s["confusion"], out / f"bundled_{a.name}_confusion.png", title=f"{a.name} on fer2013/val")
-    path = pack(run, a.name, card, face_frame=cfg.data.face_frame, head_bias=bias)
+    path = pack(run, a.name, card, face_frame=cfg.data.face_frame, head_bias=bias, mirror_average=mirror)
     print(json.dumps(card["scores"]), "without adjustment:", json.dumps(card["scores_without_adjustment"]),
           f"-> {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
-def held_out_adjustment(run: Path, cfg):
-    """(tau, macro-F1 by tau, head bias): the logit adjustment chosen on the run's held-out split."""
+def held_out_choice(run: Path, cfg):
+    """(mirror_average, tau, held-out macro-F1 (7) of every choice, head bias): the inference
+    settings with the best macro-F1 on the run's own held-out split (split.json), never the test set."""
     import torch
 
     from semifer.bundled import adjustment_bias, prior_adjustment
@@ -103,11 +105,19 @@ def held_out_adjustment(run: Path, cfg):
     trained = torch.ones(len(ds.labels), dtype=torch.bool)
     trained[held] = False
     prior = torch.bincount(torch.as_tensor(ds.labels)[trained], minlength=NUM_CLASSES).float()
+    prior = prior / prior.sum()
     model, _, _ = load_model(run)
+    x, y = ds.images[held], torch.as_tensor(ds.labels)[held].numpy()
     with torch.inference_mode():
-        logits = predict_logits(model, ds.images[held])
-    tau, by_tau = prior_adjustment(logits, torch.as_tensor(ds.labels)[held].numpy(), prior / prior.sum())
-    return tau, by_tau, adjustment_bias(prior / prior.sum(), tau)
+        plain = predict_logits(model, x)
+        mirrored = (plain + predict_logits(model, x.flip(3))) / 2
+    table, best = {}, None
+    for mirror, logits in ((False, plain), (True, mirrored)):
+        tau, by_tau = prior_adjustment(logits, y, prior)
+        table.update({f"mirror={mirror} tau={t}": round(v, 4) for t, v in by_tau.items()})
+        if best is None or by_tau[tau] > best[2] + 1e-6:
+            best = (mirror, tau, by_tau[tau])
+    return best[0], best[1], table, adjustment_bias(prior, best[1])
 
 
 if __name__ == "__main__":

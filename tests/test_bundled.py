@@ -137,3 +137,22 @@ def test_pack_folds_a_head_bias_into_the_weights(bundle_dir, tmp_path):
     with torch.no_grad():
         diff = load_model(shifted)[0](x) - load_model(plain)[0](x)
     assert torch.allclose(diff, bias.expand(3, 8), atol=1e-5)
+
+
+def test_mirror_average_is_the_mean_of_both_views_at_inference_only(bundle_dir, tmp_path):
+    import torch
+
+    from semifer.eval.report import load_model
+
+    plain = load_model(bundled.pack(tmp_path / "run", "plain", {}, bundle_dir))[0]
+    mirrored, cfg, _ = load_model(bundled.pack(tmp_path / "run", "mirrored", {}, bundle_dir, mirror_average=True))
+    assert cfg.model.mirror_average
+    x = torch.zeros(3, 1, 24, 24)
+    x[..., :8] = 1.0                                              # bright left edge: its mirror differs
+    with torch.no_grad():
+        want = (plain(x) + plain(x.flip(3))) / 2
+        assert torch.allclose(mirrored(x), want, atol=1e-6)
+        assert not torch.equal(plain(x), plain(x.flip(3)))
+        mirrored.train()
+        plain.train()
+        assert torch.allclose(mirrored(x), plain(x), atol=1e-5)   # training steps see one view

@@ -67,6 +67,9 @@ class ModelConfig:
     pretrained_strict: bool = True  # refuse missing/unexpected weights (false: load what matches, report the rest)
     freeze_stages: int = 0          # freeze the backbone's first N stages (stem = stage 0; -1 = whole backbone)
     freeze_bn: bool = False         # keep every backbone BatchNorm in eval mode with fixed affine parameters
+    # In eval mode, average the logits of each face and its mirror image (evaluate, predict, ONNX
+    # and the teacher all see it; training steps do not). Costs a second forward at inference.
+    mirror_average: bool = False
 
 
 @dataclass

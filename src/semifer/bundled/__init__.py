@@ -103,13 +103,14 @@ def adjustment_bias(prior, tau: float):
 
 
 def pack(checkpoint: Path | str, name: str, info: dict, folder: Path | None = None,
-         face_frame: str | None = None, head_bias=None) -> Path:
+         face_frame: str | None = None, head_bias=None, mirror_average: bool | None = None) -> Path:
     """Write the selected weights of a run (or checkpoint file) as bundled model ``name`` with card ``info``.
 
     ``face_frame`` overrides the checkpoint's: the frame describes the training crops and may be
     set on a run after its best checkpoint was written (it is resume-free). ``head_bias`` (one
     value per class) is added to the classifier's output bias, e.g. :func:`adjustment_bias`, so
-    predict, evaluate and the ONNX export all apply it."""
+    predict, evaluate and the ONNX export all apply it. ``mirror_average`` sets
+    ``model.mirror_average`` (logits averaged with the mirror image's at inference)."""
     import torch
 
     from semifer.config import to_dict
@@ -120,6 +121,8 @@ def pack(checkpoint: Path | str, name: str, info: dict, folder: Path | None = No
     model, cfg, ck = load_model(checkpoint, "cpu")
     if face_frame is not None:
         cfg.data.face_frame = face_frame
+    if mirror_average is not None:
+        cfg.model.mirror_average = bool(mirror_average)
     if head_bias is not None:
         with torch.no_grad():
             model.head.bias += torch.as_tensor(head_bias, dtype=model.head.bias.dtype)

@@ -10,9 +10,10 @@ from semifer.config import TrainConfig, merge, save_config, to_dict
 CONFIG_FILE = "config.yaml"
 # Settings that may change between a run and its resumption without changing results.
 # Keys that do not change what training computes: a run resumes with them changed.
-# data.face_frame only describes the crops, for predict and export.
+# data.face_frame only describes the crops, for predict and export; model.mirror_average changes
+# what evaluation scores, not what a training step computes.
 _RESUME_FREE = {("run", "progress"), ("run", "device"), ("run", "eval_batch_size"), ("run", "threads"),
-                ("data", "face_frame")}
+                ("data", "face_frame"), ("model", "mirror_average")}
 
 
 class RunDirConflict(RuntimeError):

@@ -19,8 +19,9 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, backbone: str, num_classes: int, in_chans: int = 3,
-                 mean: float = 0.5, std: float = 0.25, **backbone_args: Any) -> None:
+                 mean: float = 0.5, std: float = 0.25, mirror_average: bool = False, **backbone_args: Any) -> None:
         super().__init__()
+        self.mirror_average = bool(mirror_average)
         self.backbone, dim = BACKBONES.get(backbone)(in_chans=in_chans, **backbone_args)
         self.head = nn.Linear(dim, num_classes)
         self.register_buffer("mean", _channel_stats(getattr(self.backbone, "input_mean", None), mean, in_chans),
@@ -30,7 +31,12 @@ class Classifier(nn.Module):
         self.frozen_norms: list[str] = []   # backbone norm layers kept in eval mode (model.freeze_*)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone((x - self.mean) / self.std))
+        z = self.head(self.backbone((x - self.mean) / self.std))
+        if self.mirror_average and not self.training:
+            # a face and its mirror image show the same expression; averaging their logits
+            # removes some of the model's left/right noise
+            z = (z + self.head(self.backbone((x.flip(3) - self.mean) / self.std))) / 2
+        return z
 
     def freeze(self, stages: int = 0, bn: bool = False) -> None:
         """Freeze the backbone's first ``stages`` stages (-1: all) and, with ``bn``, its BatchNorms."""
@@ -59,7 +65,8 @@ def _channel_stats(stats: tuple[float, ...] | None, default: float, in_chans: in
 def build_model(cfg: "ModelConfig", num_classes: int, in_chans: int) -> Classifier:  # noqa: F821
     """Build the classifier described by a :class:`semifer.config.ModelConfig` (random weights;
     ``cfg.pretrained`` is loaded by :func:`semifer.models.pretrained.load_pretrained`)."""
-    model = Classifier(cfg.backbone, num_classes, in_chans=in_chans, **cfg.backbone_args)
+    model = Classifier(cfg.backbone, num_classes, in_chans=in_chans,
+                       mirror_average=getattr(cfg, "mirror_average", False), **cfg.backbone_args)
     freeze_stages, freeze_bn = getattr(cfg, "freeze_stages", 0), getattr(cfg, "freeze_bn", False)
     if freeze_stages or freeze_bn:
         model.freeze(freeze_stages, freeze_bn)
