@@ -1,7 +1,7 @@
 """The full ``predict`` path on FER2013 faces pasted into photos, against scoring the crops directly.
 
     python benchmarks/pasted_faces.py [--model NAME|PATH] [--data ../shared/data/fer2013/val]
-        [--limit 0] [--detector mtcnn] [--rotations 30,-30,60,-60] [--scale 3]
+        [--limit 0] [--detector mtcnn] [--rotations 30,-30,60,-60] [--fallback dlib] [--scale 3]
 
 Each face is upscaled (48 px x ``scale``) and pasted into the middle of a photo twice its size
 (skimage's coffee, chelsea, rocket and brick in turn, none of which shows a face), then goes
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="a seeded random subset of this many images (0 = all)")
     ap.add_argument("--detector", default="mtcnn")
     ap.add_argument("--rotations", default="", help="angles tried where no face is found, e.g. 30,-30,60,-60")
+    ap.add_argument("--fallback", default=None, help="detector tried last where nothing was found, e.g. dlib")
     ap.add_argument("--scale", type=int, default=3)
     a = ap.parse_args()
     from semifer.data.decode import decode_image
@@ -69,7 +70,7 @@ def main() -> None:
     if a.limit:
         files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[:a.limit]]
     rot = tuple(float(v) for v in a.rotations.split(",")) if a.rotations else ()
-    pred = Predictor(a.model, detector=a.detector, rotations=rot)
+    pred = Predictor(a.model, detector=a.detector, rotations=rot, fallback_detector=a.fallback)
     c = pred.classifier
     side = 48 * a.scale
     bgs = backgrounds(side)
@@ -89,7 +90,8 @@ def main() -> None:
     acc_d, f1_d = scores(y, direct)
     acc_f, f1_f = scores(y, full)
     print(f"model {pred.model_path}, face frame {getattr(c, 'face_frame', 'arcface112')}, detector {a.detector}"
-          f"{' + rotations ' + a.rotations if rot else ''}; {len(files)} images of {a.data}")
+          f"{' + rotations ' + a.rotations if rot else ''}{' + fallback ' + a.fallback if a.fallback else ''}; "
+          f"{len(files)} images of {a.data}")
     print("| path | faces found | accuracy | macro-F1 (7) |")
     print("|---|---:|---:|---:|")
     print(f"| crops scored directly | - | {acc_d:.4f} | {f1_d:.4f} |")

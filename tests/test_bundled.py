@@ -158,3 +158,14 @@ def test_mirror_average_is_the_mean_of_both_views_at_inference_only(bundle_dir, 
         mirrored.train()
         plain.train()
         assert torch.allclose(mirrored(x), plain(x), atol=1e-5)   # training steps see one view
+
+
+@pytest.mark.skipif(bundled.DEFAULT_MODEL not in bundled.available(), reason="the bundled model is not packed yet")
+def test_fallback_detector_answers_where_the_first_finds_nothing():
+    pytest.importorskip("facenet_pytorch")
+    from skimage import data
+
+    blind = {"threshold": 1.01, "retry_threshold": None}     # mtcnn that reports nothing
+    assert len(semifer.Predictor(detector="mtcnn", detector_options=blind).predict(data.astronaut())) == 0
+    r = semifer.Predictor(detector="mtcnn", detector_options=blind, fallback_detector="dlib").predict(data.astronaut())
+    assert len(r) == 1 and r.labels == ["Happiness"]

@@ -163,7 +163,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         shard = pick_shard(a.shard)
         pred = Predictor(model, detector=a.detector, detector_options=_detector_options(a),
                          device=device_for(a.device, shard), batch_size=a.batch_size, detect_every=a.detect_every,
-                         rotations=tuple(float(v) for v in a.rotations.split(",")) if a.rotations else ())
+                         rotations=tuple(float(v) for v in a.rotations.split(",")) if a.rotations else (),
+                         fallback_detector=a.fallback_detector)
         if not a.quiet:
             print(f"semifer: model {pred.model_path}")
         rep = predict_media(pred, inputs, a.out, every=a.every, smooth=a.smooth, annotate=a.annotate,
@@ -405,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--rotations", metavar="DEG,DEG,...",
                     help="where a photo shows no face, look again on copies turned by these angles "
                          "(tilted heads), e.g. 30,-30,60,-60")
+    pp.add_argument("--fallback-detector", metavar="NAME",
+                    help="where a photo shows no face (after --rotations), try this detector too, e.g. dlib")
     pp.add_argument("--detect-every", type=int, default=5, metavar="N",
                     help="video: run the face detector every N frames and re-fit the faces in between "
                          "(detectors that can, e.g. mtcnn; 1 = detect every frame)")

@@ -68,7 +68,8 @@ class Predictor:
 
     def __init__(self, model: Path | str | None = None, detector: str = "auto", detector_options: dict | None = None,
                  device: str = "cpu", batch_size: int = 64, detect_every: int = 1,
-                 rotations: tuple[float, ...] = (), rotated_min_score: float = 0.95) -> None:
+                 rotations: tuple[float, ...] = (), rotated_min_score: float = 0.95,
+                 fallback_detector: str | None = None) -> None:
         from semifer.bundled import resolve_model
 
         model = resolve_model(model)
@@ -84,6 +85,10 @@ class Predictor:
         # heads); a face found that way must score rotated_min_score (turned copies of faceless
         # photos give the detector more chances to be wrong)
         self.rotations, self.rotated_min_score = tuple(float(r) for r in rotations), float(rotated_min_score)
+        # photos: a second detector tried last where the first (and its rotations) found nothing
+        # (e.g. dlib's HOG after mtcnn: they miss different faces)
+        self.fallback_name = fallback_detector
+        self.fallback = build_detector(fallback_detector) if fallback_detector else None
         # video: a full detection every N frames, faces re-fitted in between (detectors with refine)
         self.detect_every = max(1, int(detect_every))
         self.reset_tracking()
@@ -113,6 +118,8 @@ class Predictor:
             from semifer.faces.detectors import detect_rotated
 
             faces = [f for f in detect_rotated(self.detector, image, self.rotations) if f.score >= self.rotated_min_score]
+        if not faces and self.fallback is not None:
+            faces = self.fallback(image)
         return faces, self.crops(image, faces)
 
     def crops(self, image: np.ndarray, faces: list[Face]) -> list[np.ndarray]:
