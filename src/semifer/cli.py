@@ -195,7 +195,8 @@ def _print_faces(csv_path, limit: int = 20) -> None:
     `semifer predict photo.jpg` answers on the console; videos and folders stay in the CSV."""
     import csv
 
-    with open(csv_path, newline="") as f:
+    # display only: undecodable bytes in file names (kept exactly in the CSV) are shown replaced
+    with open(csv_path, newline="", encoding="utf-8", errors="replace") as f:
         rows = list(csv.DictReader(f))
     if not rows or len(rows) > limit:
         return
