@@ -354,3 +354,38 @@ def test_dtm_rounds_consistency_draws_accepted_and_uniform_faces_and_learns_from
     res = semifer.train(cfg)
     train = [r for r in read_metrics(res.run_dir) if r["kind"] == "train" and r.get("loss_u") is not None]
     assert train and all(r["consistency_mask_rate"] == 1.0 and r["loss_c"] > 0 for r in train)   # tau 0: every face counts
+
+
+def test_stream_prior_correction_is_log_of_the_draw_mix_over_the_labeled_prior():
+    from semifer.config import SSLConfig
+    C = 4
+    counts = torch.tensor([40.0, 30.0, 20.0, 10.0])          # labeled prior 0.4 0.3 0.2 0.1
+    alg = ALGORITHMS.get("dtm_rounds")(SSLConfig(rounds=1, stream_prior_correction=True, pseudo_sampling="uniform"),
+                                       C, counts, num_unlabeled=10)
+    alg.accepted[:8] = True
+    alg.pseudo[:8] = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])   # draws: 0.75 class 0, 0.25 class 1, none of 2 or 3
+    alg.pseudo[8:] = 3                                         # not accepted: never drawn, never counted
+    r = alg.stream_correction()
+    assert r[0].item() == pytest.approx(math.log(0.75 / 0.4), abs=1e-3)
+    assert r[1].item() == pytest.approx(math.log(0.25 / 0.3), abs=1e-3)
+    assert r[2].item() < math.log(1e-3 / 0.2) and r[3].item() < math.log(1e-3 / 0.1)   # closed: pushed far down
+    # The point of it: a class the round never accepts gets (almost) no gradient from the pseudo-label
+    # term, while the uncorrected term pushes its logit down with every other class's face.
+    alg.stream_log_ratio.copy_(r)
+    alg.round.fill_(0)
+    logits = torch.zeros(8, C, requires_grad=True)
+    target = torch.nn.functional.one_hot(alg.pseudo[:8], C).float()
+    for correct, check in ((True, lambda g: g.abs().max() < 1e-3), (False, lambda g: (g > 0.1).all())):
+        logits.grad = None
+        adj = logits + alg.stream_log_ratio if correct else logits
+        (-(target * adj.log_softmax(1)).sum(1).mean()).backward()
+        assert check(logits.grad[:, 3] * 8), (correct, logits.grad[:, 3])
+
+
+def test_stream_prior_correction_runs_and_resumes_with_its_buffer(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "s", algorithm="dtm_rounds", steps=16,
+                      ssl={**ROUNDS, "stream_prior_correction": True}, run={"checkpoint_every": 4, "eval_every": 8})
+    res = semifer.train(cfg)
+    alg = load_checkpoint(res.run_dir / "checkpoints" / "last.pt")["algorithm"]
+    ratio = alg["stream_log_ratio"]
+    assert ratio.shape == (8,) and torch.isfinite(ratio).all() and ratio.abs().sum() > 0

@@ -126,6 +126,10 @@ class SSLConfig:
     pseudo_targets: Literal["hard", "soft"] = "hard"
     pseudo_sampling: Literal["class_balanced", "uniform"] = "class_balanced"
     max_oversample: float = 10.0    # class_balanced: no face drawn more than k x as often as uniform
+    # dtm_rounds: the pseudo-label loss uses logits + log(s_c / pi_c), s = the class mix the round's
+    # draws have, pi = the labeled prior (logit adjustment, Menon et al. 2021), so a class the round
+    # barely accepts (fear in round 0) is not pushed down by the others' pseudo-labels
+    stream_prior_correction: bool = False
     # dtm_rounds: weight of a FixMatch-style consistency term (EMA teacher on the weak view, fixed
     # ssl.tau) on a uniform draw of the unlabeled faces beside the round's accepted ones; the
     # unlabeled batch (mu x batch) is then split half accepted, half uniform. 0 = off

@@ -10,7 +10,11 @@ happy ones), strongly augmented, next to the usual weak labeled batch:
 
     loss = CE(labeled) + lambda_u * mean_i CE(student(strong(u_i)), target_i)
 
-with hard (argmax) or soft (calibrated probabilities) targets. No teacher forward and no
+with hard (argmax) or soft (calibrated probabilities) targets. With ``ssl.stream_prior_correction``
+the pseudo-label term uses ``logits + log(s / pi)`` instead (logit adjustment): s = the class mix
+the round's draws have, pi = the labeled prior. The draws over-represent the classes the teacher
+trusts; without the correction every class the round barely accepts loses prior mass in the
+student (round 0 accepts almost no fear, sadness or disgust). No teacher forward and no
 second view per step, so a step costs what a supervised step on (1 + mu) x batch images
 costs. With ``ssl.round_consistency`` = w > 0, half of the unlabeled batch is drawn uniformly
 from all unlabeled faces instead, and those faces add FixMatch's term (EMA teacher on the weak
@@ -79,6 +83,9 @@ class DTMRounds(Algorithm):
         self.register_buffer("targets", torch.zeros(num_unlabeled, num_classes, dtype=torch.float16))
         self.register_buffer("accepted", torch.zeros(num_unlabeled, dtype=torch.bool))
         self.register_buffer("pseudo", torch.full((num_unlabeled,), -1, dtype=torch.long))
+        if cfg.stream_prior_correction:
+            # log(s_c / pi_c) of the current round; only with the option, so older runs still resume
+            self.register_buffer("stream_log_ratio", torch.zeros(num_classes))
         self.unlabeled = None
         self.holdout = None
         if cfg.round_consistency > 0:
@@ -124,6 +131,8 @@ class DTMRounds(Algorithm):
         self.accepted.copy_(accepted)
         self.pseudo.copy_(pred)
         self.round.fill_(r)
+        if self.cfg.stream_prior_correction:
+            self.stream_log_ratio.copy_(self.stream_correction().to(self.stream_log_ratio.device))
         ctx.log(self.round_record(step, r))
 
     def round_record(self, step: int, r: int) -> dict:
@@ -149,17 +158,33 @@ class DTMRounds(Algorithm):
         rec["classes"] = list(ABAW_LABELS[:C])
         return rec
 
+    def draw_weights(self) -> torch.Tensor:
+        """Per-face probability weights of the round's draws (0 for faces not accepted)."""
+        acc, pred = self.accepted.cpu(), self.pseudo.cpu()
+        if self.cfg.pseudo_sampling == "class_balanced":
+            return balanced_weights(pred, acc, self.num_classes, self.cfg.max_oversample)
+        return acc.float()
+
+    def stream_correction(self, floor: float = 1e-4) -> torch.Tensor:
+        """log(s_c / pi_c): s = the expected class mix of the round's draws, pi = the labeled prior.
+
+        A class with no accepted face gets s = ``floor``: its logit is pushed far down inside the
+        pseudo-label term, so that term neither trains it up nor (through the softmax) down.
+        """
+        w = self.draw_weights()
+        C = self.num_classes
+        s = torch.zeros(C).index_add_(0, self.pseudo.cpu().clamp_min(0), w)
+        s = (s / s.sum().clamp_min(1e-12)).clamp_min(floor)
+        pi = self.labeled_counts.cpu().float().clamp_min(1.0)
+        return (s / s.sum()).log() - (pi / pi.sum()).log()
+
     # -- a step --------------------------------------------------------------------------
     def unlabeled_indices(self, step: int, gen: torch.Generator, global_batch: int) -> torch.Tensor | None:
         """The global batch of accepted faces for ``step`` (class-balanced or uniform over accepted)."""
         if not self.wants_unlabeled(step):
             return None
         acc = self.accepted.cpu()
-        pred = self.pseudo.cpu()
-        if self.cfg.pseudo_sampling == "class_balanced":
-            w = balanced_weights(pred, acc, self.num_classes, self.cfg.max_oversample)
-        else:
-            w = acc.float()
+        w = self.draw_weights()
         if self.cfg.round_consistency <= 0:
             return torch.multinomial(w, global_batch, replacement=True, generator=gen)
         # Interleaved (accepted, uniform) pairs, so every rank's slice holds both halves.
@@ -191,7 +216,8 @@ class DTMRounds(Algorithm):
                 batch = {**batch, "y_u_true": batch["y_u_true"][0::2]}
         target = self.targets[idx].float()
         loss_x = self.labeled_loss(logits_l, y_l)
-        loss_u = -(target * logits_u.log_softmax(1)).sum(1).mean()
+        adjusted = logits_u + self.stream_log_ratio if self.cfg.stream_prior_correction else logits_u
+        loss_u = -(target * adjusted.log_softmax(1)).sum(1).mean()
         lam = self.unlabeled_weight(step)
         loss = loss_x + lam * loss_u
         if loss_c is not None:
