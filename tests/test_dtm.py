@@ -389,3 +389,29 @@ def test_stream_prior_correction_runs_and_resumes_with_its_buffer(tiny_data, tmp
     alg = load_checkpoint(res.run_dir / "checkpoints" / "last.pt")["algorithm"]
     ratio = alg["stream_log_ratio"]
     assert ratio.shape == (8,) and torch.isfinite(ratio).all() and ratio.abs().sum() > 0
+
+
+def test_quota_raises_only_the_classes_over_their_share_to_their_kth_best_face():
+    from semifer.ssl.rounds import quota_thresholds
+    conf = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.55, 0.95, 0.6])
+    pred = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    thr = torch.tensor([0.5, 0.5, 1.0])
+    out = quota_thresholds(conf, pred, thr, torch.tensor([3, 5, 4]))
+    assert out.tolist() == pytest.approx([0.7, 0.5, 1.0])   # class 0: 5 above 0.5, quota 3 -> its 3rd best; 1 under quota; 2 closed
+    assert int(((conf >= out[pred]) & (pred == 0)).sum()) == 3
+
+
+def test_max_class_share_caps_the_easy_class_in_a_round(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "q", algorithm="dtm_rounds", steps=16,
+                      ssl={**ROUNDS, "max_class_share": 0.5, "precision_floor": 0.0, "target_precision": 0.01},
+                      run={"checkpoint_every": 8, "eval_every": 8})
+    res = semifer.train(cfg)
+    alg = load_checkpoint(res.run_dir / "checkpoints" / "last.pt")["algorithm"]
+    counts, n = alg["labeled_counts"].float(), alg["accepted"].numel()
+    quota = (0.5 * counts / counts.sum() * n).floor()
+    acc = torch.bincount(alg["pseudo"][alg["accepted"]], minlength=8)[:8].float()
+    # Target precision 0.01 and floor 0 accept almost every face; the quota holds each class to half its share.
+    assert (acc <= quota + 2).all(), (acc, quota)
+    assert acc.sum() < 0.6 * n
+    recs = [r for r in read_metrics(res.run_dir) if r["kind"] == "round"]
+    assert recs and any(0.0 < t < 1.0 for t in recs[-1]["thresholds"])

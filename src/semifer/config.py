@@ -130,6 +130,11 @@ class SSLConfig:
     # draws have, pi = the labeled prior (logit adjustment, Menon et al. 2021), so a class the round
     # barely accepts (fear in round 0) is not pushed down by the others' pseudo-labels
     stream_prior_correction: bool = False
+    # dtm_rounds: no class accepts more than k x its labeled-prior share of the unlabeled faces
+    # (CBST-style quota); where the quota binds, the class's threshold rises to its k pi_c N-th most
+    # confident face, so an easy class's threshold follows the teacher instead of sitting at the
+    # floor. 0 = off
+    max_class_share: float = 0.0
     # dtm_rounds: weight of a FixMatch-style consistency term (EMA teacher on the weak view, fixed
     # ssl.tau) on a uniform draw of the unlabeled faces beside the round's accepted ones; the
     # unlabeled batch (mu x batch) is then split half accepted, half uniform. 0 = off

@@ -61,6 +61,18 @@ def balanced_weights(pred: torch.Tensor, accepted: torch.Tensor, num_classes: in
     return torch.where(accepted, per_sample[pred.clamp_min(0)], torch.zeros(accepted.shape))
 
 
+def quota_thresholds(conf: torch.Tensor, pred: torch.Tensor, thr: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """Per-class thresholds raised where a class would accept more than ``quota[c]`` faces: to the
+    confidence of its ``quota[c]``-th most confident face (ties may let a few more through)."""
+    out = thr.clone()
+    for c in range(thr.numel()):
+        q = conf[(pred == c) & (conf >= thr[c])]
+        k = int(quota[c])
+        if thr[c] < 1.0 and q.numel() > k >= 1:
+            out[c] = torch.topk(q, k).values[-1]
+    return out
+
+
 @ALGORITHMS.register("dtm_rounds")
 class DTMRounds(Algorithm):
     """Self-training in rounds with DTM thresholds (docs/method.md, "DTM in rounds")."""
@@ -122,6 +134,17 @@ class DTMRounds(Algorithm):
         self.policy.set_histogram(q)
         conf, pred = q.max(1)
         thr = self.policy.thresholds()
+        if self.cfg.max_class_share > 0:
+            prior = self.labeled_counts.float().cpu()
+            quota = (self.cfg.max_class_share * prior / prior.sum().clamp_min(1) * conf.numel()).floor()
+            capped = quota_thresholds(conf.cpu(), pred.cpu(), thr.cpu(), quota).to(thr.device)
+            if not torch.equal(capped, thr):
+                raised = capped > thr
+                acc_c = (conf[:, None] >= capped) & (pred[:, None] == torch.arange(self.num_classes, device=pred.device))
+                est = (acc_c * conf[:, None]).sum(0) / acc_c.sum(0).clamp_min(1)
+                self.policy.est_precision.copy_(torch.where(raised.to(est.device), est, self.policy.est_precision))
+                self.policy.thr.copy_(capped)
+                thr = capped
         accepted = (conf >= thr[pred]) & (thr[pred] < 1.0)
         if self.cfg.pseudo_targets == "soft":
             targets = q
