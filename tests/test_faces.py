@@ -295,3 +295,27 @@ def test_auto_detector_is_mtcnn_where_installed_else_dlib(monkeypatch):
     assert detectors.default_detector() == ("mtcnn" if installed else "dlib")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "facenet_pytorch" else real(name, *a))
     assert detectors.default_detector() == "dlib"
+
+
+def test_fer2013_frame_crops_upright_boxes_and_keeps_the_head_tilt():
+    from semifer.faces.align import frame_template, scale_shift
+
+    img = np.zeros((300, 400, 3), np.uint8)
+    theta = np.deg2rad(20)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    lm = (1.8 * ARCFACE_112) @ rot.T + np.array([150.0, 40.0])   # a face tilted by 20 degrees
+    for x, y in lm:
+        img[int(round(y)) - 2:int(round(y)) + 3, int(round(x)) - 2:int(round(x)) + 3] = 255
+    m = scale_shift(lm, frame_template("arcface5", "fer2013", 112))
+    assert m[0, 1] == 0 and m[1, 0] == 0 and m[0, 0] == pytest.approx(m[1, 1])   # no rotation
+    upright = align_face(img, lm, "arcface5", 112, frame="fer2013")
+    turned = align_face(img, lm, "arcface5", 112, frame="arcface112")
+    # the eyes: level after the similarity alignment, still 20 degrees apart in the fer2013 crop
+    def eye_rows(crop):
+        ys, xs = np.nonzero(crop[:, :, 0] > 100)
+        left, right = ys[xs < np.median(xs) - 10], ys[xs > np.median(xs) + 10]
+        return left.min(), right.min()
+    l_t, r_t = eye_rows(turned)
+    l_u, r_u = eye_rows(upright)
+    assert abs(int(l_t) - int(r_t)) <= 2
+    assert int(r_u) - int(l_u) > 8
