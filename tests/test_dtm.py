@@ -415,3 +415,21 @@ def test_max_class_share_caps_the_easy_class_in_a_round(tiny_data, tmp_path):
     assert acc.sum() < 0.6 * n
     recs = [r for r in read_metrics(res.run_dir) if r["kind"] == "round"]
     assert recs and any(0.0 < t < 1.0 for t in recs[-1]["thresholds"])
+
+
+def test_round_partition_labels_each_part_once_and_keeps_earlier_labels(tiny_data, tmp_path):
+    ssl = {**ROUNDS, "round_partition": True, "target_precision": 0.13, "precision_floor": 0.0}   # a weak tiny teacher
+    cfg = tiny_config(tiny_data, tmp_path / "p", algorithm="dtm_rounds", steps=16, ssl=ssl,
+                      run={"checkpoint_every": 4, "eval_every": 8})
+    semifer.train(cfg, stop_after=12)                           # round 0 labelled at step 10
+    r0 = load_checkpoint(tmp_path / "p" / "checkpoints" / "last.pt")["algorithm"]
+    part = r0["part"].long()
+    assert int(r0["round"]) == 0 and set(part.unique().tolist()) == {0, 1}
+    assert r0["accepted"].any() and bool((part[r0["accepted"]] == 0).all())   # round 0 labels part 0 only
+    semifer.train(cfg)
+    r1 = load_checkpoint(tmp_path / "p" / "checkpoints" / "last.pt")["algorithm"]
+    assert int(r1["round"]) == 1 and torch.equal(r1["part"], r0["part"])
+    assert bool(r1["accepted"][r0["accepted"]].all())                         # earlier faces stay accepted
+    assert torch.equal(r1["pseudo"][r0["accepted"]], r0["pseudo"][r0["accepted"]])   # with their labels
+    new = r1["accepted"] & ~r0["accepted"]
+    assert new.any() and bool((part[new] == 1).all())                         # round 1 adds part 1 only

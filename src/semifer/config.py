@@ -135,6 +135,10 @@ class SSLConfig:
     # confident face, so an easy class's threshold follows the teacher instead of sitting at the
     # floor. 0 = off
     max_class_share: float = 0.0
+    # dtm_rounds: split the unlabeled faces into `rounds` disjoint random parts; round r's teacher
+    # labels only part r (faces it never trained on, where the held-out calibration holds) and the
+    # faces accepted in earlier rounds keep their labels. Off: every round relabels every face
+    round_partition: bool = False
     # dtm_rounds: weight of a FixMatch-style consistency term (EMA teacher on the weak view, fixed
     # ssl.tau) on a uniform draw of the unlabeled faces beside the round's accepted ones; the
     # unlabeled batch (mu x batch) is then split half accepted, half uniform. 0 = off

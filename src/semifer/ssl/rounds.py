@@ -95,6 +95,10 @@ class DTMRounds(Algorithm):
         self.register_buffer("targets", torch.zeros(num_unlabeled, num_classes, dtype=torch.float16))
         self.register_buffer("accepted", torch.zeros(num_unlabeled, dtype=torch.bool))
         self.register_buffer("pseudo", torch.full((num_unlabeled,), -1, dtype=torch.long))
+        if cfg.round_partition:
+            # which round labels each face (a fixed random split, so resume and DDP ranks agree)
+            part = torch.randperm(num_unlabeled, generator=torch.Generator().manual_seed(20231)) % cfg.rounds
+            self.register_buffer("part", part.to(torch.int8))
         if cfg.stream_prior_correction:
             # log(s_c / pi_c) of the current round; only with the option, so older runs still resume
             self.register_buffer("stream_log_ratio", torch.zeros(num_classes))
@@ -131,25 +135,34 @@ class DTMRounds(Algorithm):
         probs = ctx.logits(self.unlabeled.images, flip=flip).softmax(1).to(self.targets.device)
         self.policy.adapt_prior(probs)
         q = self.policy.calibrated(probs)
-        self.policy.set_histogram(q)
+        # round_partition: only this round's part is labeled (faces the teacher never trained on)
+        fresh = (self.part.to(q.device) == r) if self.cfg.round_partition else torch.ones(len(q), dtype=torch.bool, device=q.device)
+        self.policy.set_histogram(q[fresh])
         conf, pred = q.max(1)
         thr = self.policy.thresholds()
         if self.cfg.max_class_share > 0:
             prior = self.labeled_counts.float().cpu()
-            quota = (self.cfg.max_class_share * prior / prior.sum().clamp_min(1) * conf.numel()).floor()
-            capped = quota_thresholds(conf.cpu(), pred.cpu(), thr.cpu(), quota).to(thr.device)
+            quota = (self.cfg.max_class_share * prior / prior.sum().clamp_min(1) * int(fresh.sum())).floor()
+            f = fresh.cpu()
+            capped = quota_thresholds(conf.cpu()[f], pred.cpu()[f], thr.cpu(), quota).to(thr.device)
             if not torch.equal(capped, thr):
                 raised = capped > thr
-                acc_c = (conf[:, None] >= capped) & (pred[:, None] == torch.arange(self.num_classes, device=pred.device))
+                acc_c = (conf[:, None] >= capped) & (pred[:, None] == torch.arange(self.num_classes, device=pred.device)) & fresh[:, None]
                 est = (acc_c * conf[:, None]).sum(0) / acc_c.sum(0).clamp_min(1)
                 self.policy.est_precision.copy_(torch.where(raised.to(est.device), est, self.policy.est_precision))
                 self.policy.thr.copy_(capped)
                 thr = capped
-        accepted = (conf >= thr[pred]) & (thr[pred] < 1.0)
+        accepted = (conf >= thr[pred]) & (thr[pred] < 1.0) & fresh
         if self.cfg.pseudo_targets == "soft":
             targets = q
         else:
             targets = F.one_hot(pred, self.num_classes).float()
+        if self.cfg.round_partition:
+            # earlier rounds' accepted faces keep their labels; the rest of the other parts stay out
+            keep = self.accepted.clone()
+            targets = torch.where(keep[:, None], self.targets.float(), targets.to(self.targets.device))
+            pred = torch.where(keep, self.pseudo, pred.to(self.pseudo.device))
+            accepted = keep | accepted.to(keep.device)
         self.targets.copy_(targets.to(self.targets.dtype))
         self.accepted.copy_(accepted)
         self.pseudo.copy_(pred)
