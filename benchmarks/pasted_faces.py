@@ -1,7 +1,7 @@
 """The full ``predict`` path on FER2013 faces pasted into photos, against scoring the crops directly.
 
     python benchmarks/pasted_faces.py [--model NAME|PATH] [--data ../shared/data/fer2013/val]
-        [--limit 0] [--detector mtcnn] [--rotations 30,-30,60,-60] [--fallback dlib] [--scale 3]
+        [--limit 0] [--detector mtcnn] [--rotations 30,-30,60,-60|none] [--fallback dlib_cnn|dlib|none] [--scale 3]
 
 Each face is upscaled (48 px x ``scale``) and pasted into the middle of a photo twice its size
 (skimage's coffee, chelsea, rocket and brick in turn, none of which shows a face), then goes
@@ -59,8 +59,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013" / "val")
     ap.add_argument("--limit", type=int, default=0, help="a seeded random subset of this many images (0 = all)")
     ap.add_argument("--detector", default="mtcnn")
-    ap.add_argument("--rotations", default="", help="angles tried where no face is found, e.g. 30,-30,60,-60")
-    ap.add_argument("--fallback", default=None, help="detector tried last where nothing was found, e.g. dlib")
+    ap.add_argument("--rotations", default="30,-30,60,-60",
+                    help="angles tried where no face is found (predict's default; none = off)")
+    ap.add_argument("--fallback", default="dlib_cnn", help="detector tried last where nothing was found "
+                    "(predict's default; dlib = HOG; none = off)")
     ap.add_argument("--scale", type=int, default=3)
     a = ap.parse_args()
     from semifer.data.decode import decode_image
@@ -69,7 +71,8 @@ def main() -> None:
     files = class_files(a.data)
     if a.limit:
         files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[:a.limit]]
-    rot = tuple(float(v) for v in a.rotations.split(",")) if a.rotations else ()
+    rot = tuple(float(v) for v in a.rotations.split(",")) if a.rotations not in ("", "none") else ()
+    a.fallback = None if a.fallback in ("", "none") else a.fallback
     pred = Predictor(a.model, detector=a.detector, rotations=rot, fallback_detector=a.fallback)
     c = pred.classifier
     side = 48 * a.scale

@@ -166,6 +166,12 @@ def test_fallback_detector_answers_where_the_first_finds_nothing():
     from skimage import data
 
     blind = {"threshold": 1.01, "retry_threshold": None}     # mtcnn that reports nothing
-    assert len(semifer.Predictor(detector="mtcnn", detector_options=blind).predict(data.astronaut())) == 0
+    off = semifer.Predictor(detector="mtcnn", detector_options=blind, rotations=(), fallback_detector=None)
+    assert len(off.predict(data.astronaut())) == 0
     r = semifer.Predictor(detector="mtcnn", detector_options=blind, fallback_detector="dlib").predict(data.astronaut())
+    assert len(r) == 1 and r.labels == ["Happiness"]
+    # by default photos fall back on dlib's CNN detector (after the turned copies)
+    d = semifer.Predictor(detector="mtcnn", detector_options=blind)
+    assert d.fallback_name == "dlib_cnn" and d.rotations == (30.0, -30.0, 60.0, -60.0)
+    r = d.predict(data.astronaut())
     assert len(r) == 1 and r.labels == ["Happiness"]

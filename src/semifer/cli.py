@@ -163,8 +163,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         shard = pick_shard(a.shard)
         pred = Predictor(model, detector=a.detector, detector_options=_detector_options(a),
                          device=device_for(a.device, shard), batch_size=a.batch_size, detect_every=a.detect_every,
-                         rotations=tuple(float(v) for v in a.rotations.split(",")) if a.rotations else (),
-                         fallback_detector=a.fallback_detector)
+                         rotations=tuple(float(v) for v in a.rotations.split(",")) if a.rotations not in ("", "none") else (),
+                         fallback_detector=None if a.fallback_detector in ("", "none") else a.fallback_detector)
         if not a.quiet:
             print(f"semifer: model {pred.model_path}")
         rep = predict_media(pred, inputs, a.out, every=a.every, smooth=a.smooth, annotate=a.annotate,
@@ -404,11 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--out", default="predictions", help="folder for predictions.csv (and annotated/, abaw/)")
     pp.add_argument("--model", help="same as MODEL (a path or bundled model name)")
     _add_shard_args(pp, "predict")
-    pp.add_argument("--rotations", metavar="DEG,DEG,...",
+    pp.add_argument("--rotations", metavar="DEG,DEG,...", default="30,-30,60,-60",
                     help="where a photo shows no face, look again on copies turned by these angles "
-                         "(tilted heads), e.g. 30,-30,60,-60")
-    pp.add_argument("--fallback-detector", metavar="NAME",
-                    help="where a photo shows no face (after --rotations), try this detector too, e.g. dlib")
+                         "(tilted heads; default 30,-30,60,-60; none = off)")
+    pp.add_argument("--fallback-detector", metavar="NAME", default="dlib_cnn",
+                    help="where a photo shows no face (after --rotations), try this detector too "
+                         "(default dlib_cnn, about 3 s a photo; none = off)")
     pp.add_argument("--detect-every", type=int, default=5, metavar="N",
                     help="video: run the face detector every N frames and re-fit the faces in between "
                          "(detectors that can, e.g. mtcnn; 1 = detect every frame)")
