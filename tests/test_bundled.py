@@ -175,3 +175,19 @@ def test_fallback_detector_answers_where_the_first_finds_nothing():
     assert d.fallback_name == "dlib_cnn" and d.rotations == (30.0, -30.0, 60.0, -60.0)
     r = d.predict(data.astronaut())
     assert len(r) == 1 and r.labels == ["Happiness"]
+
+
+@pytest.mark.skipif(bundled.DEFAULT_MODEL not in bundled.available(), reason="the bundled model is not packed yet")
+def test_default_photo_search_finds_no_face_on_a_cat_jpeg():
+    pytest.importorskip("facenet_pytorch")
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buf, "JPEG")
+    cat = np.asarray(Image.open(buf).convert("RGB"))
+    p = semifer.Predictor()
+    assert p.rotations and p.fallback_name == "dlib_cnn"
+    assert len(p.predict(cat)) == 0       # turned 30 degrees, mtcnn scores this cat 0.96
