@@ -1,5 +1,6 @@
 """DTM: precision-target thresholds on calibrated probabilities (ssl/dtm.py), online (ssl/dtm_online.py)
 and in rounds (ssl/rounds.py): hand-computed thresholds, calibration, state, and exact resume."""
+import json
 import math
 import tarfile
 
@@ -264,6 +265,25 @@ def test_dtm_rounds_resumes_mid_round_exactly(rounds_run, tiny_data, tmp_path):
         assert k in a["algorithm"]
     # The resumed run did not label round 1 a second time.
     assert [r["round"] for r in read_metrics(tmp_path / "part") if r["kind"] == "round"] == [0, 1]
+
+
+def test_holdout_rejoins_for_the_last_round_and_resumes_exactly(rounds_run, tiny_data, tmp_path):
+    def cfg(out):
+        return tiny_config(tiny_data, out, algorithm="dtm_rounds", steps=16, ssl={**ROUNDS, "holdout_rejoin": True},
+                           run={"checkpoint_every": 4, "eval_every": 4})
+    full = semifer.train(cfg(tmp_path / "full"))
+    joined = [r for r in read_metrics(full.run_dir) if r.get("holdout_joined")]
+    split = json.loads((full.run_dir / "holdout.json").read_text())
+    held = len(split["labeled"])
+    assert held > 0 and [(r["step"], r["holdout_joined"]) for r in joined] == [(13, held)]   # once, at round 1
+    assert joined[0]["labeled_now"] == held + len(split["rest"])                              # grown by the slice
+    # Same as the run without the option up to the last round, different after it (it trained on more labels).
+    a, b = load_checkpoint(full.run_dir / "checkpoints" / "last.pt"), load_checkpoint(rounds_run.run_dir / "checkpoints" / "last.pt")
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    semifer.train(cfg(tmp_path / "part"), stop_after=15)      # stopped 2 steps into the last round
+    semifer.train(cfg(tmp_path / "part"))
+    _assert_same_state(full.run_dir / "checkpoints" / "last.pt", tmp_path / "part" / "checkpoints" / "last.pt")
+    assert [r["step"] for r in read_metrics(tmp_path / "part") if r.get("holdout_joined")] == [13, 15]   # re-joined on resume
 
 
 ONLINE = {"warmup_steps": 4, "calib_every": 3, "holdout_fraction": 0.25, "mu": 2, "hist_momentum": 0.5}

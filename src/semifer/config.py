@@ -139,6 +139,9 @@ class SSLConfig:
     # labels only part r (faces it never trained on, where the held-out calibration holds) and the
     # faces accepted in earlier rounds keep their labels. Off: every round relabels every face
     round_partition: bool = False
+    # dtm_rounds: the held-out calibration slice joins the labeled set for the last round (its
+    # labels were only needed to calibrate; nothing is calibrated after the last round's labels)
+    holdout_rejoin: bool = False
     # dtm_rounds: weight of a FixMatch-style consistency term (EMA teacher on the weak view, fixed
     # ssl.tau) on a uniform draw of the unlabeled faces beside the round's accepted ones; the
     # unlabeled batch (mu x batch) is then split half accepted, half uniform. 0 = off

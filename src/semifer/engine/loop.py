@@ -19,7 +19,7 @@ from semifer.engine.checkpoint import atomic_save
 from semifer.engine.guard import BufferSnapshot, NonFiniteGuard, NonFiniteTrainingError, all_finite
 from semifer.engine.optim import lr_at
 from semifer.engine.runlog import RunLogger, to_plain
-from semifer.engine.setup import BEST, LAST, Run, TrainState
+from semifer.engine.setup import BEST, LAST, Run, TrainState, join_holdout
 from semifer.eval.evaluate import evaluate_model
 from semifer.labels import ABAW_LABELS
 from semifer.ssl.context import StepContext
@@ -44,6 +44,10 @@ def run_steps(run: Run, state: TrainState, logger: RunLogger, end: int, bar=None
     step = state.step
     while step < end:
         algo.before_step(step, ctx)  # e.g. a new round's pseudo-labels, a re-fitted calibration
+        if run.holdout is not None and not run.holdout_joined and algo.holdout_released(step, total):
+            join_holdout(run)
+            logger.log({"kind": "info", "step": step, "holdout_joined": len(run.holdout),
+                        "labeled_now": len(run.lab_src)})
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg.optim, step) * g.get("lr_scale", 1.0)
         lb = run.lab_src.batch(step)

@@ -51,6 +51,7 @@ class Run:
     opt: torch.optim.Optimizer
     fused: bool
     pretrained: object | None = None
+    holdout_joined: bool = False        # the held-out slice was added to lab_src (join_holdout)
 
     @property
     def skipped(self) -> dict:
@@ -110,6 +111,20 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device, amp: torch.
     lab_src = InMemorySource(labeled, cfg.optim.batch_size, cfg.run.seed, rank, world, stream=1, pin_memory=pin)
     return Run(cfg, run_dir, device, amp, labeled, val, holdout, unlabeled, unl_src, num_unlabeled, lab_src,
                model, ema, algo, opt, fused, pretrained)
+
+
+def join_holdout(run: Run) -> None:
+    """Train on the held-out slice from now on: ``lab_src`` becomes labeled + holdout.
+
+    The sampler is a function of (seed, step, size), so a run resumed after this point rebuilds
+    the same batches by calling this again at its first step.
+    """
+    cfg, rank, world = run.cfg, dist.rank(), dist.world_size()
+    both = ImageSet(torch.cat([run.labeled.images, run.holdout.images]), torch.cat([run.labeled.labels, run.holdout.labels]),
+                    name=run.labeled.name, skipped=run.labeled.skipped)
+    run.lab_src = InMemorySource(both, cfg.optim.batch_size, cfg.run.seed, rank, world, stream=1,
+                                 pin_memory=run.lab_src.pin_memory)
+    run.holdout_joined = True
 
 
 def resume(run: Run) -> TrainState:

@@ -57,6 +57,10 @@ class Algorithm(nn.Module):
         """Dataset indices of the global unlabeled batch, or None for the source's own sampler."""
         return None
 
+    def holdout_released(self, step: int, total_steps: int) -> bool:
+        """True once the held-out labeled slice is no longer needed and may be trained on."""
+        return False
+
     def labeled_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return supervised_loss(logits, y, self.labeled_counts, self.imbalance)
 

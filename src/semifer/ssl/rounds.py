@@ -121,6 +121,11 @@ class DTMRounds(Algorithm):
     def wants_unlabeled(self, step: int) -> bool:
         return self.unlabeled_weight(step) > 0
 
+    def holdout_released(self, step: int, total_steps: int) -> bool:
+        # The last round's calibration runs in before_step at its first step, before this is asked.
+        last = self.cfg.rounds - 1
+        return self.cfg.holdout_rejoin and round_of(step, self.cfg.warmup_steps, total_steps, self.cfg.rounds) == last
+
     # -- the round boundary ------------------------------------------------------------------
     @torch.no_grad()
     def before_step(self, step: int, ctx: StepContext) -> None:
