@@ -57,7 +57,8 @@ def row_specs(c: dict) -> dict[str, tuple[str, dict, float | None, bool]]:
     s = c["steps"]
     stage0 = {"warmup_steps": s // 10, "ramp_steps": s // 10}
     # Sessions 8-9 trials (docs/benchmarks.md): per-class precision target 0.7, floor 0.4, the
-    # teacher's class prior corrected on the stream it labels.
+    # teacher's class prior corrected on the stream it labels; the shipped recipe adds the
+    # calibration slice back to the labeled set for the last round (holdout_rejoin).
     rounds = {"warmup_steps": s // 4, "rounds": 3, "mu": c["rounds_mu"], "stream_prior_correction": True,
               "target_precision": 0.7, "precision_floor": 0.4}
     return {
@@ -67,9 +68,12 @@ def row_specs(c: dict) -> dict[str, tuple[str, dict, float | None, bool]]:
         "flexmatch": ("flexmatch", {}, None, False),
         "freematch": ("freematch", {}, None, False),
         # The shipped recipe: stage 0 = a quarter of the steps supervised, then 3 rounds.
-        "dtm": ("dtm_rounds", rounds, None, False),
-        # The same, and the held-out calibration slice joins the labeled set for the last round.
-        "dtm_rejoin": ("dtm_rounds", {**rounds, "holdout_rejoin": True}, None, False),
+        "dtm": ("dtm_rounds", {**rounds, "holdout_rejoin": True}, None, False),
+        # With a CBST-style quota (no class accepts more than 0.7 x its labeled share of the
+        # unlabeled faces): happiness's and surprise's thresholds rise above the floor.
+        "dtm_quota": ("dtm_rounds", {**rounds, "holdout_rejoin": True, "max_class_share": 0.7}, None, False),
+        # The same without the rejoin: the calibration slice is never trained on.
+        "dtm_keep_holdout": ("dtm_rounds", rounds, None, False),
         "dtm_online": ("dtm", stage0, None, False),
         "dtm_flex": ("dtm_flex", {**stage0, "threshold_warmup": False, "distribution_alignment": True}, None, False),
         # Stage-0 SimCLR pretraining on the unlabeled faces as the initialisation (wall time

@@ -10,6 +10,13 @@ def test_defaults_and_overrides():
     assert cfg.data.unlabeled == ["a:b", "c:d"]
 
 
+def test_unquoted_off_reaches_a_literal_field_as_the_word():
+    # YAML 1.1 reads `off` as False; optim.amp's choices spell it "off".
+    assert load_config(overrides=["optim.amp=off"]).optim.amp == "off"
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(overrides=["optim.amp=true"])   # "on" is not one of amp's choices
+
+
 @pytest.mark.parametrize("override, message", [
     ("ssl.taux=0.9", "unknown key"),
     ("bogus.x=1", "unknown key"),

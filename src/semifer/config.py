@@ -207,6 +207,9 @@ def _check_value(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, _path=path)
     if origin is Literal:
+        # YAML 1.1 reads an unquoted off/on (e.g. --set optim.amp=off) as a bool: take the word back.
+        if isinstance(value, bool) and ("on" if value else "off") in get_args(tp):
+            value = "on" if value else "off"
         if value not in get_args(tp):
             raise ConfigError(f"{path}: {value!r} is not one of {list(get_args(tp))}")
         return value
