@@ -191,3 +191,44 @@ def test_default_photo_search_finds_no_face_on_a_cat_jpeg():
     p = semifer.Predictor()
     assert p.rotations and p.fallback_name == "dlib_cnn"
     assert len(p.predict(cat)) == 0       # turned 30 degrees, mtcnn scores this cat 0.96
+
+
+def test_an_ensemble_checkpoint_is_the_weighted_mean_of_its_members_everywhere(bundle_dir, tmp_path):
+    """combine() + the ensemble backbone: one model whose logits are the weighted mean of the
+    members' logits, loaded, mirror-averaged and exported like any checkpoint."""
+    import torch
+
+    from semifer.eval.report import load_model
+    from semifer.models.ensemble import combine
+
+    a = bundled.pack(tmp_path / "run", "a", {}, bundle_dir)
+    b = bundled.pack(tmp_path / "run", "b", {}, bundle_dir, head_bias=torch.linspace(-1, 1, 8))
+    with torch.no_grad():                                         # a member with other weights
+        mb, cfg_b, ck = load_model(b)
+        for p in mb.backbone.parameters():
+            p.mul_(1.5)
+    from semifer.config import to_dict
+    from semifer.engine.checkpoint import atomic_save
+    atomic_save({"model": mb.state_dict(), "config": to_dict(cfg_b), "labels": list(ABAW_LABELS), "step": 1}, b)
+    out = bundled.ensemble_checkpoint([a, b], tmp_path / "ens.pt", weights=[1, 3])
+    ens, cfg, _ = load_model(out)
+    assert cfg.model.backbone == "ensemble" and len(cfg.model.backbone_args["members"]) == 2
+    x = torch.rand(4, 1, 24, 24)
+    with torch.no_grad():
+        want = 0.25 * load_model(a)[0](x) + 0.75 * load_model(b)[0](x)
+        assert torch.allclose(ens(x), want, atol=1e-5)
+        assert not torch.allclose(load_model(a)[0](x), load_model(b)[0](x), atol=1e-3)
+    named = bundled.pack(out, "ens", {"scores": {"accuracy": 0.1}}, bundle_dir, mirror_average=True)
+    mirrored = load_model(named)[0]
+    with torch.no_grad():
+        assert torch.allclose(mirrored(x), (ens(x) + ens(x.flip(3))) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="at least two"):
+        combine([ens], [{"backbone": "ensemble"}])
+    pytest.importorskip("onnxruntime")
+    from semifer.infer.onnx_export import export_onnx
+    import onnxruntime as ort
+    onnx_path = export_onnx(named, tmp_path / "ens.onnx")
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    logits = sess.run(["logits"], {"images": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(logits, mirrored(x).numpy(), atol=1e-4)

@@ -102,6 +102,38 @@ def adjustment_bias(prior, tau: float):
     return torch.where(torch.isfinite(log_prior), -tau * log_prior, torch.zeros_like(log_prior))
 
 
+def ensemble_checkpoint(checkpoints: list, out: Path | str, weights: list[float] | None = None) -> Path:
+    """Write one checkpoint (like a run's ``best.pt``) whose model is the weighted mean of the
+    models in ``checkpoints`` (run dirs, checkpoint files or bundled names): the ``ensemble``
+    backbone (:mod:`semifer.models.ensemble`). The members must share their input (size,
+    channels, face frame); the first member's config supplies everything else."""
+    import copy
+
+    from semifer.config import to_dict
+    from semifer.engine.checkpoint import atomic_save
+    from semifer.eval.report import load_model
+    from semifer.labels import ABAW_LABELS
+    from semifer.models.ensemble import combine
+
+    loaded = [load_model(resolve_model(c), "cpu") for c in checkpoints]
+    first = loaded[0][1]
+    for c, (_, cfg, _) in zip(checkpoints, loaded):
+        got = (cfg.data.image_size, cfg.data.channels, cfg.data.face_frame)
+        want = (first.data.image_size, first.data.channels, first.data.face_frame)
+        if got != want:
+            raise ValueError(f"{c}: input (size, channels, face frame) {got} differs from the first member's {want}")
+    specs = [{"backbone": cfg.model.backbone, "backbone_args": cfg.model.backbone_args} for _, cfg, _ in loaded]
+    args, state = combine([m for m, _, _ in loaded], specs, weights)
+    cfg = copy.deepcopy(first)
+    cfg.model.backbone, cfg.model.backbone_args = "ensemble", args
+    cfg.model.pretrained = ""   # the weights are in the checkpoint
+    members = [str(c) for c in checkpoints]
+    atomic_save({"model": state, "config": to_dict(cfg), "labels": list(ABAW_LABELS), "step": None,
+                 "ensemble": {"members": members, "weights": None if weights is None else list(map(float, weights))}},
+                Path(out))
+    return Path(out)
+
+
 def pack(checkpoint: Path | str, name: str, info: dict, folder: Path | None = None,
          face_frame: str | None = None, head_bias=None, mirror_average: bool | None = None) -> Path:
     """Write the selected weights of a run (or checkpoint file) as bundled model ``name`` with card ``info``.
