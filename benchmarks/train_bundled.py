@@ -2,6 +2,12 @@
 
     python benchmarks/train_bundled.py [--config configs/bundled_fer2013.yaml] [--name fer2013-cnn24]
         [--stop-after N] [--threads N] [--pack-only]
+    python benchmarks/train_bundled.py --config CONFIG --name NAME --ensemble MEMBER [MEMBER ...]
+
+With ``--ensemble`` nothing is trained: the members (bundled names, run dirs or checkpoints,
+each trained to the end) become one model whose logits are their weighted mean
+(``semifer.bundled.ensemble_checkpoint``); the weights are chosen with the inference settings
+below, on the held-out split of CONFIG's run, which every member must have held out too.
 
 1. ``semifer train --config CONFIG`` (resumes the run directory; ``--stop-after`` splits it
    across sessions). The run scores fer2013/val once, with the checkpoint chosen on its own
@@ -32,10 +38,12 @@ def main() -> None:
     ap.add_argument("--stop-after", type=int)
     ap.add_argument("--threads", type=int, help="torch threads (run.threads; changing it on resume is allowed)")
     ap.add_argument("--pack-only", action="store_true", help="skip training (the run must have finished)")
+    ap.add_argument("--ensemble", nargs="+", metavar="MEMBER",
+                    help="pack these finished models as one ensemble (no training); CONFIG's run gives the held-out split")
     a = ap.parse_args()
     import numpy as np
 
-    from semifer.bundled import pack
+    from semifer.bundled import ensemble_checkpoint, pack, resolve_model
     from semifer.config import load_config
     from semifer.engine import train
     from semifer.engine.checkpoint import load_checkpoint
@@ -47,15 +55,20 @@ def main() -> None:
     shown = a.config.relative_to(ROOT) if a.config.is_relative_to(ROOT) else a.config
     cfg = load_config(a.config, overrides=["run.progress=false"] + ([f"run.threads={a.threads}"] if a.threads else []))
     run = Path(cfg.run.out)
-    if not a.pack_only:
+    if not a.pack_only and not a.ensemble:
         train(cfg, stop_after=a.stop_after)
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     if last["step"] < cfg.optim.steps:
         sys.exit(f"{run} is at step {last['step']} of {cfg.optim.steps}: train it to the end first")
-    mirror, tau, by_tau, bias = held_out_choice(run, cfg)
-    print(f"on the held-out split: mirror_average {mirror}, logit adjustment tau {tau} (macro-F1 (7): {by_tau})")
-    path = pack(run, a.name, {}, face_frame=cfg.data.face_frame, head_bias=bias, mirror_average=mirror)
-    raw, s = evaluate_path(run, data=cfg.data.test), evaluate_path(path, data=cfg.data.test)
+    members = [resolve_model(m) for m in a.ensemble or [run]]
+    weights, mirror, tau, by_tau, bias = held_out_choice(run, cfg, members)
+    print(f"on the held-out split: member weights {weights}, mirror_average {mirror}, logit adjustment tau {tau} "
+          f"(macro-F1 (7): {by_tau})")
+    source = run
+    if a.ensemble:
+        source = ensemble_checkpoint(members, run / f"ensemble_{a.name}.pt", weights)
+    path = pack(source, a.name, {}, face_frame=cfg.data.face_frame, head_bias=bias, mirror_average=mirror)
+    raw, s = evaluate_path(source, data=cfg.data.test), evaluate_path(path, data=cfg.data.test)
     present = [n for n, row in zip(ABAW_LABELS, s["confusion"]) if sum(row) > 0]
 
     def summary(sc: dict) -> dict:
@@ -74,9 +87,13 @@ def main() -> None:
         "held_out_macro_f1_7": by_tau,
         "scores_without_adjustment": summary(raw),
         "per_class_f1_without_adjustment": {n: raw["per_class_f1"][n] for n in present},
-        "command": f"python benchmarks/train_bundled.py --config {shown}",
+        "command": f"python benchmarks/train_bundled.py --config {shown}"
+                   + (f" --name {a.name} --ensemble {' '.join(a.ensemble)}" if a.ensemble else ""),
         "train_seconds": results.get("wall_s"),
         "best_step": results.get("best_step"),
+        **({"ensemble": {"members": [str(m) for m in members], "weights": weights,
+                         "member_scores": {str(m): summary(evaluate_path(m, data=cfg.data.test)) for m in members}}}
+           if a.ensemble else {}),
         "licence": "FER2013 is for research use (ICML 2013 challenge, Kaggle terms); so are these weights",
     }
     out = ROOT / "docs" / "results"
@@ -88,9 +105,11 @@ def main() -> None:
           f"-> {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
-def held_out_choice(run: Path, cfg):
-    """(mirror_average, tau, held-out macro-F1 (7) of every choice, head bias): the inference
-    settings with the best macro-F1 on the run's own held-out split (split.json), never the test set."""
+def held_out_choice(run: Path, cfg, members: list):
+    """(member weights or None, mirror_average, tau, held-out macro-F1 (7) of every choice, head bias):
+    the inference settings with the best macro-F1 on the run's own held-out split (split.json),
+    never the test set. With two members their weights are searched in steps of 0.1; with more,
+    they are equal."""
     import torch
 
     from semifer.bundled import adjustment_bias, prior_adjustment
@@ -106,18 +125,34 @@ def held_out_choice(run: Path, cfg):
     trained[held] = False
     prior = torch.bincount(torch.as_tensor(ds.labels)[trained], minlength=NUM_CLASSES).float()
     prior = prior / prior.sum()
-    model, _, _ = load_model(run)
     x, y = ds.images[held], torch.as_tensor(ds.labels)[held].numpy()
-    with torch.inference_mode():
-        plain = predict_logits(model, x)
-        mirrored = (plain + predict_logits(model, x.flip(3))) / 2
+    views = []   # per member: (plain logits, mirror-averaged logits)
+    for m in members:
+        model, mcfg, _ = load_model(m)
+        split_of = (mcfg.data.labeled, mcfg.data.val_fraction, mcfg.data.split_seed)
+        if split_of != (cfg.data.labeled, cfg.data.val_fraction, cfg.data.split_seed):
+            raise SystemExit(f"{m} held out {split_of}, not the split of {run}: its scores there would be on training faces")
+        model.mirror_average = False
+        with torch.inference_mode():
+            plain = predict_logits(model, x)
+            views.append((plain, (plain + predict_logits(model, x.flip(3))) / 2))
+    if len(members) == 1:
+        grid = [None]
+    elif len(members) == 2:
+        grid = [[round(w, 1), round(1 - w, 1)] for w in torch.linspace(0, 1, 11).tolist()]
+    else:
+        grid = [[1.0] * len(members)]
     table, best = {}, None
-    for mirror, logits in ((False, plain), (True, mirrored)):
-        tau, by_tau = prior_adjustment(logits, y, prior)
-        table.update({f"mirror={mirror} tau={t}": round(v, 4) for t, v in by_tau.items()})
-        if best is None or by_tau[tau] > best[2] + 1e-6:
-            best = (mirror, tau, by_tau[tau])
-    return best[0], best[1], table, adjustment_bias(prior, best[1])
+    for weights in grid:
+        w = torch.tensor(weights or [1.0]) / sum(weights or [1.0])
+        for mirror in (False, True):
+            logits = sum(wk * v[int(mirror)] for wk, v in zip(w, views))
+            tau, by_tau = prior_adjustment(logits, y, prior)
+            table.update({f"weights={weights} mirror={mirror} tau={t}" if weights else f"mirror={mirror} tau={t}":
+                          round(v, 4) for t, v in by_tau.items()})
+            if best is None or by_tau[tau] > best[3] + 1e-6:
+                best = (weights, mirror, tau, by_tau[tau])
+    return best[0], best[1], best[2], table, adjustment_bias(prior, best[2])
 
 
 if __name__ == "__main__":
