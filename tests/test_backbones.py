@@ -39,6 +39,7 @@ def test_registry_lists_families_and_counts():
     assert abs(rows["ir50"][0] / 1e6 - 43.59) < 0.05 and abs(rows["ir100"][0] / 1e6 - 65.16) < 0.05
     assert 0.95e6 < rows["mobilefacenet"][0] < 1.05e6
     assert rows["tv:NAME"][0] is None and "timm:NAME" in rows
+    assert rows["ensemble"][0] is None and rows["ensemble"][1]      # needs its members: listed, not counted
     assert "tv:resnet34" in BACKBONES and "nope:resnet34" not in BACKBONES
     with pytest.raises(KeyError, match="tv:NAME"):
         BACKBONES.get("no_such_backbone")

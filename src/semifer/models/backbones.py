@@ -66,14 +66,18 @@ def count_parameters(module: nn.Module) -> int:
 
 def describe_backbones() -> list[tuple[str, int | None, str]]:
     """(name, parameter count at defaults, first docstring line) for every registered backbone;
-    families (``tv:NAME``, ``timm:NAME``) have no count."""
+    families (``tv:NAME``, ``timm:NAME``) and backbones that need arguments (``ensemble``) have no count."""
     rows: list[tuple[str, int | None, str]] = []
     for name, fn in BACKBONES.items():
         # Built on the meta device: counts without allocating or initialising IR-100's 65M weights.
-        with torch.device("meta"):
-            module, _ = fn()
+        try:
+            with torch.device("meta"):
+                module, _ = fn()
+            count = count_parameters(module)
+        except ValueError:   # built only from its arguments (the ensemble of other backbones): no count
+            count = None
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        rows.append((name, count_parameters(module), doc))
+        rows.append((name, count, doc))
     for prefix, fn in BACKBONES.families():
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         rows.append((f"{prefix}:NAME", None, doc))
