@@ -100,7 +100,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bundled_{a.name}.json").write_text(json.dumps({**card, "confusion": s["confusion"]}, indent=1))
     plot_confusion(s["confusion"], out / f"bundled_{a.name}_confusion.png", title=f"{a.name} on fer2013/val")
-    path = pack(run, a.name, card, face_frame=cfg.data.face_frame, head_bias=bias, mirror_average=mirror)
+    path = pack(source, a.name, card, face_frame=cfg.data.face_frame, head_bias=bias, mirror_average=mirror)
     print(json.dumps(card["scores"]), "without adjustment:", json.dumps(card["scores_without_adjustment"]),
           f"-> {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
