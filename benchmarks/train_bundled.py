@@ -61,6 +61,7 @@ def main() -> None:
     if last["step"] < cfg.optim.steps:
         sys.exit(f"{run} is at step {last['step']} of {cfg.optim.steps}: train it to the end first")
     members = [resolve_model(m) for m in a.ensemble or [run]]
+    names = [shown_name(m) for m in a.ensemble or [run]]   # the card names members as given, not by local path
     weights, mirror, tau, by_tau, bias = held_out_choice(run, cfg, members)
     print(f"on the held-out split: member weights {weights}, mirror_average {mirror}, logit adjustment tau {tau} "
           f"(macro-F1 (7): {by_tau})")
@@ -91,8 +92,8 @@ def main() -> None:
                    + (f" --name {a.name} --ensemble {' '.join(a.ensemble)}" if a.ensemble else ""),
         "train_seconds": results.get("wall_s"),
         "best_step": results.get("best_step"),
-        **({"ensemble": {"members": [str(m) for m in members], "weights": weights,
-                         "member_scores": {str(m): summary(evaluate_path(m, data=cfg.data.test)) for m in members}}}
+        **({"ensemble": {"members": names, "weights": weights,
+                         "member_scores": {n: summary(evaluate_path(m, data=cfg.data.test)) for n, m in zip(names, members)}}}
            if a.ensemble else {}),
         "licence": "FER2013 is for research use (ICML 2013 challenge, Kaggle terms); so are these weights",
     }
@@ -105,11 +106,18 @@ def main() -> None:
           f"-> {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+def shown_name(member) -> str:
+    """A member as the card records it: a bundled name as is, a path relative to the repository."""
+    p = Path(member).resolve()
+    if not Path(member).exists():
+        return str(member)
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(member)
+
+
 def held_out_choice(run: Path, cfg, members: list):
     """(member weights or None, mirror_average, tau, held-out macro-F1 (7) of every choice, head bias):
     the inference settings with the best macro-F1 on the run's own held-out split (split.json),
-    never the test set. With two members their weights are searched in steps of 0.1; with more,
-    they are equal."""
+    never the test set. Member weights are searched in steps of 0.1 (every member at least 0.1)."""
     import torch
 
     from semifer.bundled import adjustment_bias, prior_adjustment
@@ -136,12 +144,7 @@ def held_out_choice(run: Path, cfg, members: list):
         with torch.inference_mode():
             plain = predict_logits(model, x)
             views.append((plain, (plain + predict_logits(model, x.flip(3))) / 2))
-    if len(members) == 1:
-        grid = [None]
-    elif len(members) == 2:
-        grid = [[round(w, 1), round(1 - w, 1)] for w in torch.linspace(0, 1, 11).tolist()]
-    else:
-        grid = [[1.0] * len(members)]
+    grid = [None] if len(members) == 1 else weight_grid(len(members))
     table, best = {}, None
     for weights in grid:
         w = torch.tensor(weights or [1.0]) / sum(weights or [1.0])
@@ -153,6 +156,14 @@ def held_out_choice(run: Path, cfg, members: list):
             if best is None or by_tau[tau] > best[3] + 1e-6:
                 best = (weights, mirror, tau, by_tau[tau])
     return best[0], best[1], best[2], table, adjustment_bias(prior, best[2])
+
+
+def weight_grid(n: int, steps: int = 10) -> list[list[float]]:
+    """Every way to give ``n`` members weights k/steps (k >= 1) that sum to 1."""
+    import itertools
+
+    return [[round(k / steps, 1) for k in ks] for ks in itertools.product(range(1, steps), repeat=n)
+            if sum(ks) == steps]
 
 
 if __name__ == "__main__":
