@@ -141,6 +141,28 @@ def test_pack_folds_a_head_bias_into_the_weights(bundle_dir, tmp_path):
     assert torch.allclose(diff, bias.expand(3, 8), atol=1e-5)
 
 
+def test_pack_stores_big_weights_as_float16_and_loads_them_as_float32(bundle_dir, tmp_path):
+    import torch
+
+    from semifer.engine.checkpoint import load_checkpoint
+    from semifer.eval.report import load_model
+
+    full = bundled.pack(tmp_path / "run", "full", {}, bundle_dir, half=False)
+    half = bundled.pack(tmp_path / "run", "half", {}, bundle_dir)
+    stored = load_checkpoint(half)["model"]
+    big = [k for k, v in stored.items() if v.is_floating_point() and v.numel() >= bundled.HALF_MIN_NUMEL]
+    assert big and all(stored[k].dtype == torch.float16 for k in big)
+    small = [k for k, v in stored.items() if v.is_floating_point() and k not in big]
+    assert small and all(stored[k].dtype == torch.float32 for k in small)   # biases, batch-norm statistics
+    assert half.stat().st_size < 0.75 * full.stat().st_size
+    m_full, m_half = load_model(full)[0], load_model(half)[0]
+    assert all(p.dtype == torch.float32 for p in m_half.parameters())
+    x = torch.rand(4, 1, 24, 24)
+    with torch.no_grad():
+        a, b = m_full(x), m_half(x)
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=1e-2, rtol=1e-2)
+
+
 def test_mirror_average_is_the_mean_of_both_views_at_inference_only(bundle_dir, tmp_path):
     import torch
 
@@ -218,7 +240,7 @@ def test_an_ensemble_checkpoint_is_the_weighted_mean_of_its_members_everywhere(b
         want = 0.25 * load_model(a)[0](x) + 0.75 * load_model(b)[0](x)
         assert torch.allclose(ens(x), want, atol=1e-5)
         assert not torch.allclose(load_model(a)[0](x), load_model(b)[0](x), atol=1e-3)
-    named = bundled.pack(out, "ens", {"scores": {"accuracy": 0.1}}, bundle_dir, mirror_average=True)
+    named = bundled.pack(out, "ens", {"scores": {"accuracy": 0.1}}, bundle_dir, mirror_average=True, half=False)
     mirrored = load_model(named)[0]
     with torch.no_grad():
         assert torch.allclose(mirrored(x), (ens(x) + ens(x.flip(3))) / 2, atol=1e-5)
