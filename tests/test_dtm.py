@@ -59,6 +59,65 @@ def test_tail_thresholds_by_hand():
     assert torch.allclose(est9, torch.tensor([0., .95, .98, 0., 0.]))
 
 
+def test_tail_thresholds_held_out_evidence_by_hand():
+    # c0 of the hand test above: calibrated tails .75 (edge .5) and .9 (edge .75), target .8.
+    count = torch.tensor([[0., 0., 2., 2.]])
+    conf_sum = torch.tensor([[0., 0., 1.2, 1.8]])
+    # Held-out faces predicted c0: 2 in bin .75 (both right), 4 in bin .5 (1 right).
+    held_n = torch.tensor([[0., 0., 4., 2.]])
+    held_r = torch.tensor([[0., 0., 1., 2.]])
+    # evidence a = 4: edge .75 -> (4 * .9 + 2) / (4 + 2) = .9333; edge .5 -> (4 * .75 + 3) / (4 + 6) = .6
+    thr, est, share = tail_thresholds(count, conf_sum, 0.8, 0.5, held_n, held_r, evidence=4.0)
+    assert thr.item() == pytest.approx(0.75) and est.item() == pytest.approx(5.6 / 6)
+    # Held-out faces that are right more often than calibrated open the class lower:
+    # edge .5 with 6 right of 6 -> (4 * .75 + 6) / 10 = .9
+    thr2, est2, _ = tail_thresholds(count, conf_sum, 0.8, 0.5, held_n, torch.tensor([[0., 0., 4., 2.]]), evidence=4.0)
+    assert thr2.item() == pytest.approx(0.5) and est2.item() == pytest.approx(0.9)
+    # A weak prior lets 1 right of 6 close a class the calibration alone would open at .75.
+    thr3, _, _ = tail_thresholds(count, conf_sum, 0.8, 0.5, held_n, torch.tensor([[0., 0., 1., 0.]]), evidence=1.0)
+    assert thr3.item() == 1.0
+    # evidence 0 = the calibration alone, whatever the held-out faces say.
+    thr0, est0, _ = tail_thresholds(count, conf_sum, 0.8, 0.5, held_n, held_r, evidence=0.0)
+    assert thr0.item() == pytest.approx(0.75) and est0.item() == pytest.approx(0.9)
+
+
+def test_held_out_evidence_uses_the_calibrated_held_out_faces():
+    """The policy histograms its calibrated held-out faces (predicted class, confidence, right or
+    wrong) and its thresholds are tail_thresholds' Beta posterior over them."""
+    C, bins = 3, 50
+    torch.manual_seed(0)
+    conf = torch.linspace(0.5, 0.999, 400)
+    pol_plain = PrecisionThreshold(C, target=0.8, floor=0.5, bins=bins, prior_shift=False)
+    pol_held = PrecisionThreshold(C, target=0.8, floor=0.5, bins=bins, prior_shift=False, holdout_evidence=10.0)
+    # Held-out: 90 faces; of the 60 the teacher calls class 0 only the 8 most confident are right.
+    logits = torch.randn(90, C)
+    logits[:60, 0] += torch.linspace(2.0, 7.0, 60)
+    labels = torch.where(torch.arange(90) < 60, 1, 2)
+    labels[52:60] = 0
+    for pol in (pol_plain, pol_held):
+        pol.calibrate(logits, labels)
+        pol.set_histogram(probs_with([0] * len(conf), conf, C))
+    assert "held_count" in dict(pol_held.named_buffers()) and "held_count" not in dict(pol_plain.named_buffers())
+    q = pol_held.calibrated(logits.softmax(1))
+    hconf, hpred = q.max(1)
+    b = (hconf * bins).long().clamp(0, bins - 1)
+    n = torch.zeros(C, bins)
+    r = torch.zeros(C, bins)
+    for i in range(90):
+        n[hpred[i], b[i]] += 1
+        r[hpred[i], b[i]] += float(hpred[i] == labels[i])
+    assert torch.equal(pol_held.held_count, n) and torch.equal(pol_held.held_right, r)
+    thr, est, _ = tail_thresholds(pol_held.count, pol_held.conf_sum, 0.8, 0.5, n, r, evidence=10.0)
+    assert torch.equal(pol_held.thresholds(), thr) and torch.allclose(pol_held.est_precision, est)
+    # The held-out faces moved class 0's threshold (which way is the hand test's business).
+    assert pol_held.thresholds()[0] != pol_plain.thresholds()[0]
+    # The state round-trips through a state_dict into a fresh policy with the option.
+    fresh = PrecisionThreshold(C, target=0.8, floor=0.5, bins=bins, prior_shift=False, holdout_evidence=10.0)
+    fresh.load_state_dict(pol_held.state_dict())
+    fresh.refresh()
+    assert torch.equal(fresh.thresholds(), pol_held.thresholds())
+
+
 def test_every_class_with_a_confident_tail_opens_however_rare():
     """The thresholds are per class: a rare class with a trustworthy tail is not drowned by a frequent one."""
     C = 8

@@ -319,3 +319,26 @@ def test_fer2013_frame_crops_upright_boxes_and_keeps_the_head_tilt():
     l_u, r_u = eye_rows(upright)
     assert abs(int(l_t) - int(r_t)) <= 2
     assert int(r_u) - int(l_u) > 8
+
+
+def test_upright_crop_is_one_antialiased_resize_of_the_mapped_box():
+    from PIL import Image
+
+    from semifer.faces.align import upright_crop
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    # scale 0.25, shift (-10, -5): output pixel u <- input (u + 10) / 0.25 .. so the 24 px crop
+    # covers input x 40..136, y 20..116
+    m = np.array([[0.25, 0.0, -10.0], [0.0, 0.25, -5.0]])
+    crop = upright_crop(img, m, 24)
+    want = np.asarray(Image.fromarray(img).resize((24, 24), Image.Resampling.LANCZOS, box=(40, 20, 136, 116)))
+    np.testing.assert_array_equal(crop, want)
+    # antialiased: a 1-px checkerboard shrunk 4x is flat grey
+    checker = ((np.indices((96, 96)).sum(0) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2)
+    flat = upright_crop(checker, np.array([[0.25, 0.0, 0.0], [0.0, 0.25, 0.0]]), 24)
+    assert flat.std() < 3 and abs(flat.mean() - 127.5) < 3
+    # a box that leaves the photo: black outside, the photo inside
+    out = upright_crop(img, np.array([[1.0, 0.0, 20.0], [0.0, 1.0, 20.0]]), 40)
+    assert out[:18, :18].max() == 0
+    np.testing.assert_array_equal(out[22:, 22:], img[2:20, 2:20])

@@ -113,6 +113,9 @@ class SSLConfig:
     holdout_fraction: float = 0.1
     target_precision: float = 0.8   # pi: estimated precision each class's accepted set must reach
     precision_floor: float = 0.5    # no pseudo-label below this calibrated confidence
+    # Weight, in faces, of the calibrated precision estimate against the held-out slice's own
+    # count of right answers above each threshold (Beta posterior, docs/method.md); 0 = calibration only
+    holdout_evidence: float = 0.0
     hist_bins: int = 100            # bins of the per-class confidence histogram
     hist_momentum: float = 0.99     # EMA momentum of the histogram (online dtm)
     calib_every: int = 500          # online dtm: re-fit the calibration every N steps

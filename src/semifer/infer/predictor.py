@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from semifer.data.decode import decode_image
-from semifer.faces.align import align_face
+from semifer.faces.align import CROP_SIZE, UPRIGHT_FRAMES, align_face
 from semifer.faces.detectors import Face, build_detector
 from semifer.infer.onnx_export import load_classifier
 from semifer.labels import ABAW_LABELS
@@ -121,7 +121,7 @@ class Predictor:
         return faces, self.crops(image, faces)
 
     def detect(self, image: np.ndarray) -> tuple[list[Face], list[np.ndarray]]:
-        """Faces of an RGB image and their 112x112 crops in the model's face frame (``whole``: the image itself)."""
+        """Faces of an RGB image and their crops in the model's face frame (``crops``; ``whole``: the image itself)."""
         faces = self.detector(image)
         if not faces and self.rotations:
             from semifer.faces.detectors import detect_rotated
@@ -132,9 +132,11 @@ class Predictor:
         return faces, self.crops(image, faces)
 
     def crops(self, image: np.ndarray, faces: list[Face]) -> list[np.ndarray]:
-        """The faces' 112x112 crops in the model's face frame (``whole`` faces: the image itself)."""
+        """The faces' crops in the model's face frame: 112 px, or, in frames cut upright (FER2013's),
+        straight at the model's input size in one resampling (``whole`` faces: the image itself)."""
         frame = getattr(self.classifier, "face_frame", "arcface112")
-        return [image if f.scheme == "whole" else align_face(image, f.landmarks, f.scheme, frame=frame) for f in faces]
+        size = int(self.classifier.image_size) if frame in UPRIGHT_FRAMES else CROP_SIZE
+        return [image if f.scheme == "whole" else align_face(image, f.landmarks, f.scheme, size, frame) for f in faces]
 
     def classify(self, crops: list[np.ndarray]) -> np.ndarray:
         """Probabilities (N, 8) for aligned RGB crops, ``batch_size`` at a time."""

@@ -65,19 +65,29 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
     return t.float(), bias.detach().float()
 
 
-def tail_thresholds(count: torch.Tensor, conf_sum: torch.Tensor, target: float, floor: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tail_thresholds(count: torch.Tensor, conf_sum: torch.Tensor, target: float, floor: float,
+                    held_count: torch.Tensor | None = None, held_right: torch.Tensor | None = None,
+                    evidence: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-class thresholds from (C, K) histograms of calibrated confidence (counts and sums of q).
 
     Returns (thresholds (C,), estimated precision of each class's accepted set (C,),
     share of all samples each class accepts (C,)). Bin k covers [k/K, (k+1)/K); a
     threshold is a bin's lower edge. Closed classes get threshold 1 and precision 0.
+
+    With ``evidence`` a > 0 and the held-out slice's (C, K) histograms of predicted class and
+    confidence (``held_count``: faces, ``held_right``: of them right), the estimate at each t is
+    the mean of a Beta posterior whose prior is the calibrated estimate worth a faces, updated
+    by the n held-out faces above t of which r are right: (a P + r) / (a + n).
     """
     C, K = count.shape
     edges = torch.arange(K, dtype=count.dtype, device=count.device) / K
     n_tail = count.flip(1).cumsum(1).flip(1)            # samples with q >= edge k
     s_tail = conf_sum.flip(1).cumsum(1).flip(1)
     prec = s_tail / n_tail.clamp_min(1e-12)
+    if evidence > 0 and held_count is not None and held_right is not None:
+        hn = held_count.to(prec).flip(1).cumsum(1).flip(1)
+        hr = held_right.to(prec).flip(1).cumsum(1).flip(1)
+        prec = (evidence * prec + hr) / (evidence + hn)
     ok = (prec >= target) & (n_tail > 0) & (edges >= floor - 1e-9)
     # Lowest qualifying bin per class (K where none qualifies).
     idx = torch.where(ok, torch.arange(K, device=count.device).expand(C, K), torch.full_like(ok, K, dtype=torch.long))
@@ -105,7 +115,7 @@ class PrecisionThreshold(ThresholdPolicy):
     update_before_mask = True
 
     def __init__(self, num_classes: int, target: float = 0.8, floor: float = 0.5, bins: int = 100,
-                 momentum: float = 0.99, prior_shift: bool = True) -> None:
+                 momentum: float = 0.99, prior_shift: bool = True, holdout_evidence: float = 0.0) -> None:
         super().__init__(num_classes)
         if not 0.0 < target <= 1.0 or not 0.0 <= floor < 1.0:
             raise ValueError(f"need 0 < target precision <= 1 and 0 <= floor < 1, got {target}, {floor}")
@@ -126,6 +136,15 @@ class PrecisionThreshold(ThresholdPolicy):
         self.register_buffer("labeled_prior", torch.full((num_classes,), 1.0 / num_classes))
         self.register_buffer("unlabeled_prior", torch.full((num_classes,), 1.0 / num_classes))
         self.register_buffer("log_shift", torch.zeros(num_classes))
+        # Held-out evidence (Beta posterior, tail_thresholds): the held-out slice's faces per
+        # (predicted class, confidence bin) and how many of them are right. Registered only with
+        # the option, so runs without it still resume.
+        self.holdout_evidence = float(holdout_evidence)
+        if self.holdout_evidence < 0:
+            raise ValueError(f"holdout_evidence must be >= 0, got {holdout_evidence}")
+        if self.holdout_evidence > 0:
+            self.register_buffer("held_count", torch.zeros(num_classes, bins))
+            self.register_buffer("held_right", torch.zeros(num_classes, bins))
 
     # -- calibration -------------------------------------------------------------------
     def calibrated(self, probs: torch.Tensor, shift: bool = True) -> torch.Tensor:
@@ -181,6 +200,14 @@ class PrecisionThreshold(ThresholdPolicy):
         conf, pred = q.max(1)
         acc = conf >= self.thr[pred]
         right = (pred.cpu() == held[1]).float()
+        if self.holdout_evidence > 0:
+            b = (conf * self.bins).long().clamp_(0, self.bins - 1)
+            flat = (pred * self.bins + b).cpu()
+            size = self.num_classes * self.bins
+            n = torch.zeros(size).scatter_add_(0, flat, torch.ones(len(flat)))
+            r = torch.zeros(size).scatter_add_(0, flat, right)
+            self.held_count.copy_(n.view(self.num_classes, self.bins))
+            self.held_right.copy_(r.view(self.num_classes, self.bins))
         for c in range(self.num_classes):
             sel = acc.cpu() & (pred.cpu() == c)
             self.holdout_precision[c] = right[sel].mean() if sel.any() else -1.0
@@ -195,7 +222,9 @@ class PrecisionThreshold(ThresholdPolicy):
         return n.view(self.num_classes, self.bins), s.view(self.num_classes, self.bins)
 
     def refresh(self) -> None:
-        thr, est, share = tail_thresholds(self.count, self.conf_sum, self.target, self.floor)
+        held = (self.held_count, self.held_right) if self.holdout_evidence > 0 else (None, None)
+        thr, est, share = tail_thresholds(self.count, self.conf_sum, self.target, self.floor, *held,
+                                          evidence=self.holdout_evidence)
         self.thr.copy_(thr)
         self.est_precision.copy_(est)
         self.accept_share.copy_(share)

@@ -90,7 +90,8 @@ class DTMRounds(Algorithm):
         if cfg.rounds < 1:
             raise ValueError(f"ssl.rounds must be >= 1 for dtm_rounds, got {cfg.rounds}")
         self.policy = PrecisionThreshold(num_classes, cfg.target_precision, cfg.precision_floor, cfg.hist_bins,
-                                         prior_shift=cfg.prior_shift)
+                                         prior_shift=cfg.prior_shift,
+                                         holdout_evidence=cfg.holdout_evidence)
         self.register_buffer("round", torch.full((), -1, dtype=torch.long))
         self.register_buffer("targets", torch.zeros(num_unlabeled, num_classes, dtype=torch.float16))
         self.register_buffer("accepted", torch.zeros(num_unlabeled, dtype=torch.bool))
