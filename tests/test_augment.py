@@ -17,6 +17,7 @@ from semifer.data.augment import (
     draw_randaugment,
     eval_view,
     randaugment,
+    reframe_view,
     strong_view,
     to_float,
     weak_view,
@@ -89,7 +90,7 @@ def test_non_square_and_empty_batch():
 # ----------------------------------------------------------------------------- randomness
 
 
-@pytest.mark.parametrize("fn", [weak_view, strong_view])
+@pytest.mark.parametrize("fn", [weak_view, strong_view, reframe_view])
 def test_same_seed_same_output_other_seed_differs(fn):
     x = noise_images(32, 3)
     a = fn(x, gen(1))
@@ -122,7 +123,7 @@ def test_global_rng_untouched():
     assert torch.equal(torch.rand(4), expected)
 
 
-@pytest.mark.parametrize("fn", [weak_view, strong_view])
+@pytest.mark.parametrize("fn", [weak_view, strong_view, reframe_view])
 def test_per_sample_randomness(fn):
     x = smooth_images(1, 3).expand(32, -1, -1, -1).contiguous()
     y = fn(x, gen(5)).flatten(1)
@@ -527,3 +528,45 @@ def test_cuda_same_contract_and_same_ops_as_cpu():
     # (Equalize/Posterize/Solarize in the 2nd slot) for a rare pixel: compare loosely.
     diff = (gpu.cpu() - cpu).abs()
     assert float(diff.mean()) < 1e-4 and float((diff > 1e-3).float().mean()) < 1e-3
+
+
+# ----------------------------------------------------------------------------- reframe view
+
+
+def test_reframe_view_is_the_weak_view_then_a_zoom_and_rotation():
+    x = smooth_images(16, 1, symmetric=True)
+    # zoom 1 and no rotation: exactly the weak view (the warp of the identity, up to interpolation)
+    ident = reframe_view(x, gen(4), zoom=1.0, rotate_deg=0.0)
+    assert torch.allclose(ident, weak_view(x, gen(4)), atol=1e-5)
+    # zoom out by exactly 2 (zoom range [2, 2] is not possible, so check the bounds instead):
+    # with zoom 2, the grey border shows on samples that were shrunk, never more than half the side
+    big = reframe_view(x, gen(4), zoom=2.0, rotate_deg=0.0)
+    grey = (big == FILL).all(1)                  # (B, H, W) pixels left uncovered
+    rows_grey = grey.all(2).sum(1)               # fully grey rows per sample
+    assert rows_grey.max() <= 24 + 1 and rows_grey.max() > 0
+    assert not torch.allclose(big, ident)
+    # rotation only: a centred bright bar tilts by at most rotate_deg
+    bar = torch.zeros(64, 1, 48, 48, dtype=torch.uint8)
+    bar[:, :, 22:26, 4:44] = 255
+    turned = reframe_view(bar, gen(5), zoom=1.0, rotate_deg=10.0, flip=False, max_shift=0.0)
+    ys, xs = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    angles = []
+    for img in turned[:, 0]:
+        w = (img > 0.75).float()
+        mx, my = (w * xs).sum() / w.sum(), (w * ys).sum() / w.sum()
+        cov = torch.stack([((w * (xs - mx) * (xs - mx)).sum()), ((w * (xs - mx) * (ys - my)).sum()),
+                           ((w * (ys - my) * (ys - my)).sum())]) / w.sum()
+        angles.append(math.degrees(0.5 * math.atan2(2 * cov[1], cov[0] - cov[2])))
+    angles = torch.tensor(angles).abs()
+    assert angles.max() <= 10.5 and angles.max() > 5
+
+
+def test_reframe_is_a_labeled_augment_choice():
+    import typing
+
+    from semifer.config import DataConfig
+    from semifer.engine.loop import LABELED_VIEWS
+
+    assert LABELED_VIEWS["reframe"] is reframe_view
+    # every choice the config accepts has a view, and no view is unreachable
+    assert set(LABELED_VIEWS) == set(typing.get_args(typing.get_type_hints(DataConfig)["labeled_augment"]))

@@ -116,6 +116,12 @@ def test_held_out_evidence_uses_the_calibrated_held_out_faces():
     fresh.load_state_dict(pol_held.state_dict())
     fresh.refresh()
     assert torch.equal(fresh.thresholds(), pol_held.thresholds())
+    # A checkpoint made without the option loads into a policy with it, thresholds unchanged
+    # until the next calibration (empty held-out histograms).
+    later = PrecisionThreshold(C, target=0.8, floor=0.5, bins=bins, prior_shift=False, holdout_evidence=10.0)
+    later.load_state_dict(pol_plain.state_dict())
+    later.refresh()
+    assert later.held_count.sum() == 0 and torch.equal(later.thresholds(), pol_plain.thresholds())
 
 
 def test_every_class_with_a_confident_tail_opens_however_rare():

@@ -42,8 +42,9 @@ class DataConfig:
     split_seed: int = 0
     rest_as_unlabeled: bool = True   # the labeled source's left-out images join the unlabeled set
     # View of the labeled batch: weak = flip + shift (FixMatch's); strong = RandAugment + Cutout
-    # on top (for long fully supervised schedules, where a weak view lets the model memorise)
-    labeled_augment: Literal["weak", "strong"] = "weak"
+    # on top (for long fully supervised schedules, where a weak view lets the model memorise);
+    # reframe = weak + zoom and rotation jitter (a face detector's crop of new photos, no photometric ops)
+    labeled_augment: Literal["weak", "strong", "reframe"] = "weak"
     # Where the training crops put the face (faces/align.py FRAMES): predict, prepare and the
     # exported model crop new faces the same way. arcface112 = semifer prepare's aligned crops.
     face_frame: str = "arcface112"

@@ -13,7 +13,7 @@ from torch import nn
 
 from semifer import dist
 from semifer.config import TrainConfig, to_dict
-from semifer.data.augment import strong_view, weak_view
+from semifer.data.augment import reframe_view, strong_view, weak_view
 from semifer.data.imageset import ImageSet, step_generator
 from semifer.engine.checkpoint import atomic_save
 from semifer.engine.guard import BufferSnapshot, NonFiniteGuard, NonFiniteTrainingError, all_finite
@@ -23,6 +23,9 @@ from semifer.engine.setup import BEST, LAST, Run, TrainState, join_holdout
 from semifer.eval.evaluate import evaluate_model
 from semifer.labels import ABAW_LABELS
 from semifer.ssl.context import StepContext
+
+# data.labeled_augment -> the labeled batch's view
+LABELED_VIEWS = {"weak": weak_view, "strong": strong_view, "reframe": reframe_view}
 
 
 def run_steps(run: Run, state: TrainState, logger: RunLogger, end: int, bar=None) -> None:
@@ -55,7 +58,7 @@ def run_steps(run: Run, state: TrainState, logger: RunLogger, end: int, bar=None
         # world-W run augments every sample as one process with a W x batch would.
         gen, shard = step_generator(cfg.run.seed, step, 0, 0, device), (rank, world)
         # Pinned sources on CUDA: no copy below waits for the device (a pageable copy would).
-        labeled_view = strong_view if cfg.data.labeled_augment == "strong" else weak_view
+        labeled_view = LABELED_VIEWS[cfg.data.labeled_augment]
         batch = {"x_l": labeled_view(lb["x"].to(device, non_blocking=True), gen, shard=shard),
                  "y_l": lb["y"].to(device, non_blocking=True)}
         if run.unl_src is not None and algo.wants_unlabeled(step):

@@ -146,6 +146,15 @@ class PrecisionThreshold(ThresholdPolicy):
             self.register_buffer("held_count", torch.zeros(num_classes, bins))
             self.register_buffer("held_right", torch.zeros(num_classes, bins))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint made without holdout_evidence (a stage-0 checkpoint forked into a trial with
+        # it) lacks the held-out histograms. Empty ones give exactly the thresholds it had (n = 0
+        # leaves the calibrated estimate alone) until the next calibration fills them.
+        if self.holdout_evidence > 0:
+            for name in ("held_count", "held_right"):
+                state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # -- calibration -------------------------------------------------------------------
     def calibrated(self, probs: torch.Tensor, shift: bool = True) -> torch.Tensor:
         """softmax(log p / T + b + log(pi_u / pi_l)): the teacher's probabilities, calibrated
