@@ -518,3 +518,23 @@ def test_round_partition_labels_each_part_once_and_keeps_earlier_labels(tiny_dat
     assert torch.equal(r1["pseudo"][r0["accepted"]], r0["pseudo"][r0["accepted"]])   # with their labels
     new = r1["accepted"] & ~r0["accepted"]
     assert new.any() and bool((part[new] == 1).all())                         # round 1 adds part 1 only
+
+
+def test_option_buffers_fill_in_when_a_checkpoint_lacks_them():
+    """A stage-0 checkpoint made without round_partition / stream_prior_correction /
+    holdout_evidence loads into a dtm_rounds that has them (benchmarks/fer2013_trial.py --fork)."""
+    from semifer.config import SSLConfig
+    plain = ALGORITHMS.get("dtm_rounds")(SSLConfig(rounds=3), 8, torch.ones(8), num_unlabeled=60)
+    full_cfg = SSLConfig(rounds=3, round_partition=True, stream_prior_correction=True, holdout_evidence=5.0)
+    full = ALGORITHMS.get("dtm_rounds")(full_cfg, 8, torch.ones(8), num_unlabeled=60)
+    want_part = full.part.clone()
+    state = plain.state_dict()
+    assert not {"part", "stream_log_ratio", "policy.held_count"} & set(state)
+    full.load_state_dict(state)
+    assert torch.equal(full.part, want_part) and set(full.part.tolist()) == {0, 1, 2}
+    assert full.stream_log_ratio.abs().sum() == 0 and full.policy.held_count.sum() == 0
+    # a checkpoint that has them keeps its own values
+    other = full.state_dict()
+    other["stream_log_ratio"] = torch.full((8,), 0.5)
+    full.load_state_dict(other)
+    assert torch.equal(full.stream_log_ratio, torch.full((8,), 0.5))

@@ -108,6 +108,16 @@ class DTMRounds(Algorithm):
         if cfg.round_consistency > 0:
             self.unlabeled_views = ("weak", "strong")
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Buffers that exist only with an option, missing from a checkpoint made without it (a
+        # stage-0 checkpoint forked into a trial that turns the option on): the fixed partition is
+        # rebuilt as constructed; the stream correction stays zero (as the checkpoint's run trained)
+        # until the next round computes it.
+        for name in ("part", "stream_log_ratio"):
+            if hasattr(self, name):
+                state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def bind(self, unlabeled=None, holdout=None) -> None:
         if unlabeled is None:
             raise ValueError("dtm_rounds labels an in-memory unlabeled set once per round; streamed sources "
