@@ -86,14 +86,16 @@ def test_channels_last_setting_reaches_the_weights(tiny_data, tmp_path, setting)
     build_model(cfg.model, 8, in_chans=cfg.data.channels).load_state_dict(ck["model"])
 
 
-@pytest.mark.parametrize("view", ["weak", "strong"])
+@pytest.mark.parametrize("view", ["weak", "strong", "reframe"])
 def test_labeled_augment_chooses_the_labeled_view(tiny_data, tmp_path, monkeypatch, view):
     import semifer.engine.loop as loop
 
     seen = []
-    real_weak, real_strong = loop.weak_view, loop.strong_view
-    monkeypatch.setattr(loop, "weak_view", lambda x, *a, **k: seen.append(("weak", len(x))) or real_weak(x, *a, **k))
-    monkeypatch.setattr(loop, "strong_view", lambda x, *a, **k: seen.append(("strong", len(x))) or real_strong(x, *a, **k))
+
+    def spy(name, real):
+        return lambda x, *a, **k: seen.append((name, len(x))) or real(x, *a, **k)
+
+    monkeypatch.setattr(loop, "LABELED_VIEWS", {name: spy(name, real) for name, real in loop.LABELED_VIEWS.items()})
     cfg = tiny_config(tiny_data, tmp_path / view, algorithm="supervised", steps=2,
                       data={"labeled_augment": view})
     semifer.train(cfg)
