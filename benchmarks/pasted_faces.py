@@ -70,8 +70,11 @@ def load_cache(path: Path, files: list[tuple[Path, int]], side: int) -> list | N
     if list(z["files"]) != [str(f) for f, _ in files] or int(z["side"]) != side:
         print(f"{path}: made for other images or paste size; detecting again")
         return None
-    return [Face(b, float(s), lm, str(sc)) if ok else None
-            for ok, b, s, lm, sc in zip(z["found"], z["boxes"], z["scores"], z["landmarks"], z["schemes"])]
+    if "detectors" not in z:
+        print(f"{path}: made before faces recorded their detector; detecting again")
+        return None
+    return [Face(b, float(s), lm, str(sc), str(d)) if ok else None
+            for ok, b, s, lm, sc, d in zip(z["found"], z["boxes"], z["scores"], z["landmarks"], z["schemes"], z["detectors"])]
 
 
 def save_cache(path: Path, files: list[tuple[Path, int]], side: int, faces: list) -> None:
@@ -82,7 +85,8 @@ def save_cache(path: Path, files: list[tuple[Path, int]], side: int, faces: list
     np.savez(tmp, files=np.array([str(f) for f, _ in files]), side=side, found=np.array(ok),
              boxes=pick("box", 4), landmarks=pick("landmarks", (5, 2)),
              scores=np.array([f.score if f is not None else 0.0 for f in faces]),
-             schemes=np.array([f.scheme if f is not None else "" for f in faces]))
+             schemes=np.array([f.scheme if f is not None else "" for f in faces]),
+             detectors=np.array([f.detector if f is not None else "" for f in faces]))
     tmp.replace(path)
 
 

@@ -206,7 +206,7 @@ def pasted_crops(split_json: Path, faces_npz: Path, cfg):
 
     from pasted_faces import backgrounds, load_cache, paste, split_files
     from semifer.data.decode import decode_image
-    from semifer.faces.align import CROP_SIZE, UPRIGHT_FRAMES, align_face
+    from semifer.faces.align import CROP_SIZE, UPRIGHT_FRAMES, crop_face
 
     files, side = split_files(split_json), 48 * 3
     faces = load_cache(faces_npz, files, side)
@@ -221,7 +221,7 @@ def pasted_crops(split_json: Path, faces_npz: Path, cfg):
             out.append(np.zeros((chans, size, size), np.uint8))
             continue
         canvas = paste(Image.open(f).convert("RGB"), i, bgs, side)
-        out.append(decode_image(align_face(canvas, face.landmarks, face.scheme, crop_size, frame), size, chans)[0])
+        out.append(decode_image(crop_face(canvas, face, crop_size, frame), size, chans)[0])
     return torch.from_numpy(np.stack(out)), np.array([fc is not None for fc in faces])
 
 

@@ -538,3 +538,53 @@ def test_option_buffers_fill_in_when_a_checkpoint_lacks_them():
     other["stream_log_ratio"] = torch.full((8,), 0.5)
     full.load_state_dict(other)
     assert torch.equal(full.stream_log_ratio, torch.full((8,), 0.5))
+
+
+class _TableTeacher(torch.nn.Module):
+    """Logits looked up by each (constant) image's pixel value: a teacher whose answers a test sets."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x):
+        return self.table[(x[:, 0, 0, 0] * 255).round().long()]
+
+
+def test_round_ensemble_averages_each_round_with_the_last_rounds_targets():
+    from types import SimpleNamespace
+
+    from semifer.config import SSLConfig
+    from semifer.ssl.context import StepContext
+
+    C, n, h = 8, 60, 40
+    images = lambda lo, k: torch.arange(lo, lo + k, dtype=torch.uint8)[:, None, None, None].expand(k, 1, 4, 4).clone()
+    class Held(SimpleNamespace):
+        def __len__(self):
+            return len(self.labels)
+
+    unlabeled = SimpleNamespace(images=images(0, n))
+    holdout = Held(images=images(100, h), labels=torch.arange(h) % C)
+
+    def run(a):
+        alg = ALGORITHMS.get("dtm_rounds")(SSLConfig(rounds=2, warmup_steps=0, pseudo_targets="soft", round_ensemble=a,
+                                                     target_precision=0.3, precision_floor=0.0), C, torch.ones(C), num_unlabeled=n)
+        alg.bind(unlabeled=unlabeled, holdout=holdout)
+        seen = []
+        for step, seed in ((0, 1), (5, 2)):
+            table = 3 * torch.randn(256, C, generator=torch.Generator().manual_seed(seed))
+            table[100:100 + h] += 4 * torch.nn.functional.one_hot(holdout.labels, C)   # a teacher worth calibrating
+            ctx = StepContext(_TableTeacher(table), torch.device("cpu"), None, total_steps=10)
+            alg.before_step(step, ctx)
+            own = alg.policy.calibrated(table[:n].softmax(1))   # this round's teacher alone, as calibrated now
+            seen.append((own, alg.targets.float().clone()))
+        return seen
+
+    (own0, t0), (own1, t1) = run(0.5)
+    torch.testing.assert_close(t0, own0, atol=2e-3, rtol=0)                    # round 0: nothing to average
+    torch.testing.assert_close(t1, 0.5 * own1 + 0.5 * t0, atol=2e-3, rtol=0)   # round 1: half the last round's
+    assert (t1 - own1).abs().max() > 0.05
+    (_, _), (own1_off, t1_off) = run(0.0)
+    torch.testing.assert_close(t1_off, own1_off, atol=2e-3, rtol=0)            # off: the round's teacher alone
+    with pytest.raises(ValueError, match="soft"):
+        ALGORITHMS.get("dtm_rounds")(SSLConfig(round_ensemble=0.5, pseudo_targets="hard"), C, torch.ones(C), num_unlabeled=n)

@@ -58,7 +58,7 @@ def test_astronaut_has_exactly_one_face(dlib_detector):
     f = faces[0]
     x1, y1, x2, y2 = f.box
     assert 150 < x1 < x2 < 290 and 50 < y1 < y2 < 190  # her face, top middle of the photo
-    assert f.landmarks.shape == (5, 2) and f.scheme == "dlib5"
+    assert f.landmarks.shape == (5, 2) and f.scheme == "dlib5" and f.detector == "dlib"
     assert ((f.landmarks >= [x1 - 5, y1 - 5]) & (f.landmarks <= [x2 + 5, y2 + 5])).all()
     # aligned: the eyes' landmarks map near their template places
     m = umeyama(f.landmarks, TEMPLATES["dlib5"])
@@ -225,7 +225,7 @@ def mtcnn():
 def test_mtcnn_finds_the_astronaut_and_refits_her_in_a_moved_frame(mtcnn):
     img = skdata.astronaut()
     faces = mtcnn(img)
-    assert len(faces) == 1 and faces[0].scheme == "arcface5"
+    assert len(faces) == 1 and faces[0].scheme == "arcface5" and faces[0].detector == "mtcnn"
     x1, y1, x2, y2 = faces[0].box
     assert 150 < x1 < x2 < 290 and 40 < y1 < y2 < 190
     lm = faces[0].landmarks
@@ -342,3 +342,49 @@ def test_upright_crop_is_one_antialiased_resize_of_the_mapped_box():
     out = upright_crop(img, np.array([[1.0, 0.0, 20.0], [0.0, 1.0, 20.0]]), 40)
     assert out[:18, :18].max() == 0
     np.testing.assert_array_equal(out[22:, 22:], img[2:20, 2:20])
+
+
+def test_detect_rotated_keeps_the_box_size_around_the_turned_back_centre():
+    from semifer.faces.detectors import Face, detect_rotated
+
+    class OneBox:  # finds the same box in whatever (turned) image it is given
+        def __call__(self, image):
+            return [Face(np.array([40.0, 30.0, 100.0, 110.0]), 0.9, np.zeros((5, 2)) + 70.0, "arcface5", "mtcnn")]
+
+    img = np.zeros((120, 160, 3), np.uint8)
+    (f,) = detect_rotated(OneBox(), img, (30.0,))
+    x1, y1, x2, y2 = f.box
+    assert (x2 - x1, y2 - y1) == pytest.approx((60.0, 80.0))       # not the 1.3x larger bounds
+    assert f.detector == "mtcnn"
+    # the box centre (70, 70) of the turned canvas maps back like the landmarks (all at 70, 70)
+    np.testing.assert_allclose([(x1 + x2) / 2, (y1 + y2) / 2], f.landmarks[0], atol=1e-9)
+
+
+def test_box_frame_places_the_crop_around_the_box():
+    from semifer.faces.align import box_frame_matrix
+
+    # box side sqrt(100 * 100) = 100; crop 1.2 sides, centre shifted (+0.1, -0.05) sides
+    m = box_frame_matrix(np.array([100.0, 50.0, 200.0, 150.0]), (np.log(1.2), 0.1, -0.05), 48)
+    corners = np.array([[100.0, 35.0, 1.0], [220.0, 155.0, 1.0]]) @ m.T
+    np.testing.assert_allclose(corners, [[0, 0], [48, 48]], atol=1e-9)
+
+
+def test_crop_face_cuts_measured_detectors_from_the_box_and_others_from_the_landmarks(monkeypatch):
+    from semifer.faces import align
+    from semifer.faces.align import crop_face, upright_crop
+    from semifer.faces.detectors import Face
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (200, 240, 3), dtype=np.uint8)
+    lm = 0.9 * ARCFACE_112 + [60.0, 40.0]
+    box = np.array([70.0, 50.0, 150.0, 140.0])
+    monkeypatch.setitem(align.BOX_FRAMES, "fer2013", {"mtcnn": (0.2, 0.0, 0.1)})
+    boxed = crop_face(img, Face(box, 0.9, lm, "arcface5", "mtcnn"), 48, "fer2013")
+    np.testing.assert_array_equal(boxed, upright_crop(img, align.box_frame_matrix(box, (0.2, 0.0, 0.1), 48), 48))
+    # a detector whose boxes were not measured, or a frame that is not cut upright: the landmarks
+    for face, frame in ((Face(box, 0.9, lm, "arcface5", "scrfd"), "fer2013"),
+                        (Face(box, 0.9, lm, "arcface5", "mtcnn"), "arcface112")):
+        np.testing.assert_array_equal(crop_face(img, face, 48, frame), align_face(img, lm, "arcface5", 48, frame))
+    assert not np.array_equal(boxed, align_face(img, lm, "arcface5", 48, "fer2013"))
+    whole = Face(np.array([0.0, 0.0, 240.0, 200.0]), 1.0, np.zeros((5, 2)), "whole", "whole")
+    assert crop_face(img, whole, 48, "fer2013") is img

@@ -202,7 +202,7 @@ def test_annotation_label_is_legible_and_scaled_to_the_face():
 def test_predictor_and_export_crop_in_the_models_face_frame(run_dir, tmp_path):
     """A model trained on FER2013-framed crops gets FER2013-framed crops, also through ONNX."""
     from semifer.engine.checkpoint import atomic_save, load_checkpoint
-    from semifer.faces.align import align_face
+    from semifer.faces.align import BOX_FRAMES, align_face, box_frame_matrix, upright_crop
 
     ck = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     ck["config"]["data"]["face_frame"] = "fer2013"
@@ -211,9 +211,10 @@ def test_predictor_and_export_crop_in_the_models_face_frame(run_dir, tmp_path):
     img = astronaut(512)
     plain, fer = semifer.Predictor(run_dir), semifer.Predictor(fer_run)
     faces, crops = fer.detect(img)
-    # FER2013's frame is cut straight at the model's input size (one resampling)
+    # FER2013's frame is cut straight at the model's input size (one resampling), from the detector's box
     size = fer.classifier.image_size
-    expected = align_face(img, faces[0].landmarks, faces[0].scheme, size, frame="fer2013")
+    offsets = BOX_FRAMES["fer2013"][faces[0].detector]
+    expected = upright_crop(img, box_frame_matrix(faces[0].box, offsets, size), size)
     assert expected.shape == (size, size, 3)
     np.testing.assert_array_equal(crops[0], expected)
     arcface = align_face(img, faces[0].landmarks, faces[0].scheme, size)

@@ -150,6 +150,10 @@ class SSLConfig:
     # ssl.tau) on a uniform draw of the unlabeled faces beside the round's accepted ones; the
     # unlabeled batch (mu x batch) is then split half accepted, half uniform. 0 = off
     round_consistency: float = 0.0
+    # dtm_rounds with soft targets: each round's calibrated teacher probabilities are averaged with
+    # the previous round's targets, q_r = (1 - a) q_r + a q_{r-1} (an ensemble of the round
+    # teachers, as temporal ensembling), before thresholds and acceptance. 0 = off
+    round_ensemble: float = 0.0
     # FreeMatch only
     freematch_momentum: float = 0.999
     # Weight of FreeMatch's self-adaptive fairness loss (sign as published, ssl/losses.py); 0.001 is

@@ -46,6 +46,24 @@ FRAMES: dict[str, np.ndarray] = {
 UPRIGHT_FRAMES = frozenset({"fer2013"})
 
 
+# Where a frame's crops sit relative to each detector's *box*, for UPRIGHT_FRAMES: (log(crop side /
+# sqrt(box w * h)), crop centre - box centre in units of sqrt(w h), x and y). Measured with
+# ``benchmarks/measure_face_box.py --split runs/bundled_fer2013_weak2/split.json --detector D``
+# on 1,437 held-out FER2013 *train* faces pasted into photos (medians). FER2013's crops were cut
+# from detector boxes, and a box follows them more closely than the five-landmark fit, whose mouth
+# corners move with the expression (disgust faces came out 0.15 log-units too loose): on those
+# faces the box fit's spread is 0.175 in log side and 0.058 / 0.056 of a side in centre x / y, the
+# landmark fit's 0.183 and 0.071 / 0.061; the bundled model's accuracy on them, through predict's
+# crops, went from 0.6806 to 0.6882 (docs/inference.md). Detectors not listed are cut from their
+# landmarks (FRAMES).
+BOX_FRAMES: dict[str, dict[str, tuple[float, float, float]]] = {
+    "fer2013": {
+        "mtcnn": (0.0951, 0.0063, -0.0123),
+        "dlib": (0.1100, -0.0116, -0.0939),       # HOG: 946 faces; spread 0.151 / 0.061 / 0.064 (landmarks 0.165 / 0.062 / 0.050)
+    },
+}
+
+
 def scale_shift(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares uniform scale + shift (no rotation) mapping ``src`` onto ``dst``, as a 2x3 matrix."""
     src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
@@ -128,3 +146,26 @@ def upright_crop(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
         framed.paste(img, (pad, pad))
         img, left, top, right, bottom = framed, left + pad, top + pad, right + pad, bottom + pad
     return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, right, bottom)))
+
+
+def box_frame_matrix(box: np.ndarray, offsets: tuple[float, float, float], size: int) -> np.ndarray:
+    """Scale + shift (2x3) mapping the crop that ``offsets`` (a ``BOX_FRAMES`` entry) places around
+    ``box`` (x1, y1, x2, y2) onto a ``size`` px square."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    b = np.sqrt(max(x2 - x1, 1e-6) * max(y2 - y1, 1e-6))
+    side = b * np.exp(offsets[0])
+    cx, cy = (x1 + x2) / 2 + offsets[1] * b, (y1 + y2) / 2 + offsets[2] * b
+    s = size / side
+    return np.array([[s, 0.0, -(cx - side / 2) * s], [0.0, s, -(cy - side / 2) * s]])
+
+
+def crop_face(image: np.ndarray, face, size: int = CROP_SIZE, frame: str = "arcface112") -> np.ndarray:
+    """The crop of ``face`` (a detectors.Face) in ``frame``: the image itself for ``whole`` faces; in
+    upright frames cut from the detector's box where ``BOX_FRAMES`` knows its boxes, else from the
+    landmarks (``align_face``)."""
+    if face.scheme == "whole":
+        return image
+    offsets = BOX_FRAMES.get(frame, {}).get(getattr(face, "detector", ""))
+    if frame in UPRIGHT_FRAMES and offsets is not None:
+        return upright_crop(image, box_frame_matrix(face.box, offsets, size), size)
+    return align_face(image, face.landmarks, face.scheme, size, frame)

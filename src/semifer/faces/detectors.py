@@ -19,12 +19,15 @@ from semifer.registry import DETECTORS
 
 @dataclass
 class Face:
-    """One detected face: ``box`` = (x1, y1, x2, y2) pixels, ``landmarks`` (5, 2) in ``scheme``."""
+    """One detected face: ``box`` = (x1, y1, x2, y2) pixels, ``landmarks`` (5, 2) in ``scheme``;
+    ``detector``: the registered detector that drew the box (each draws its boxes its own way:
+    ``faces/align.py`` ``BOX_FRAMES`` places a data set's crops relative to each one's boxes)."""
 
     box: np.ndarray
     score: float
     landmarks: np.ndarray
     scheme: str
+    detector: str = ""
 
 
 def default_detector() -> str:
@@ -96,7 +99,7 @@ class DlibDetector:
             rect = self.dlib.rectangle(*(int(round(v)) for v in box))
             shape = self.predictor(image, rect)
             lm = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
-            faces.append(Face(box, float(s), lm, self.scheme))
+            faces.append(Face(box, float(s), lm, self.scheme, "dlib"))
         return sorted(faces, key=lambda f: -f.score)
 
 
@@ -155,7 +158,7 @@ class DlibCnnDetector:
             box = np.array([r.left(), r.top(), r.right(), r.bottom()], np.float64) / scale
             shape = self.predictor(image, self.dlib.rectangle(*(int(round(v)) for v in box)))
             lm = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
-            faces.append(Face(box, float(d.confidence), lm, self.scheme))
+            faces.append(Face(box, float(d.confidence), lm, self.scheme, "dlib_cnn"))
         return sorted(faces, key=lambda f: -f.score)
 
 
@@ -167,13 +170,14 @@ class WholeImage:
 
     def __call__(self, image: np.ndarray) -> list[Face]:
         h, w = image.shape[:2]
-        return [Face(np.array([0.0, 0.0, w, h]), 1.0, np.zeros((5, 2)), self.scheme)]
+        return [Face(np.array([0.0, 0.0, w, h]), 1.0, np.zeros((5, 2)), self.scheme, "whole")]
 
 
 def detect_rotated(detector, image: np.ndarray, angles: tuple[float, ...] = (30.0, -30.0, 60.0, -60.0)) -> list[Face]:
     """Faces of ``image`` found by ``detector`` on copies turned by each angle (degrees, the first
     that finds any wins), mapped back to ``image``: heads tilted beyond what a detector was
-    trained on (FER2013 has many) are found upright. Boxes are the bounds of the turned boxes."""
+    trained on (FER2013 has many) are found upright. A box keeps its size, centred where its
+    centre turns back to."""
     h, w = image.shape[:2]
     centre = np.array([w / 2.0, h / 2.0])
     for angle in angles:
@@ -192,9 +196,13 @@ def detect_rotated(detector, image: np.ndarray, angles: tuple[float, ...] = (30.
 
         out = []
         for f in faces:
+            # the box keeps its width and height around its turned-back centre: the bounds of the
+            # turned box would be up to 1.41x larger than the face, and crops cut from the box
+            # (align.py BOX_FRAMES) would come out that much too loose
             x1, y1, x2, y2 = f.box
-            corners = unturn(np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]]))
-            out.append(Face(np.concatenate([corners.min(0), corners.max(0)]), f.score, unturn(f.landmarks), f.scheme))
+            cx, cy = unturn(np.array([(x1 + x2) / 2, (y1 + y2) / 2]))
+            hw, hh = (x2 - x1) / 2, (y2 - y1) / 2
+            out.append(Face(np.array([cx - hw, cy - hh, cx + hw, cy + hh]), f.score, unturn(f.landmarks), f.scheme, f.detector))
         return out
     return []
 
@@ -281,7 +289,7 @@ class ScrfdDetector:
         blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None]
         outs = self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})
         boxes, scores, kps = decode_scrfd(outs, (ih, iw), self.threshold, self.nms)
-        return [Face(b.astype(np.float64) / scale, float(s), k.astype(np.float64) / scale, self.scheme)
+        return [Face(b.astype(np.float64) / scale, float(s), k.astype(np.float64) / scale, self.scheme, "scrfd")
                 for b, s, k in sorted(zip(boxes, scores, kps), key=lambda t: -t[1])]
 
 
@@ -335,7 +343,7 @@ class MtcnnDetector:
             self.net.thresholds = self.stage_thresholds
         if boxes is None:
             return []
-        faces = [Face(np.asarray(b, np.float64) / scale, float(p), np.asarray(k, np.float64) / scale, self.scheme)
+        faces = [Face(np.asarray(b, np.float64) / scale, float(p), np.asarray(k, np.float64) / scale, self.scheme, "mtcnn")
                  for b, p, k in zip(boxes, probs, points) if p >= threshold]
         return sorted(faces, key=lambda f: -f.score)
 
@@ -370,5 +378,5 @@ class MtcnnDetector:
             bw, bh = a[2] - a[0], a[3] - a[1]
             lm = np.stack([a[0] + bw * p[:5], a[1] + bh * p[5:]], 1)
             box = a + r * np.array([bw, bh, bw, bh])
-            out.append(Face(box, float(s), lm, self.scheme))
+            out.append(Face(box, float(s), lm, self.scheme, "mtcnn"))
         return sorted(out, key=lambda f: -f.score)

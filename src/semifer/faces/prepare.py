@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from semifer.data.decode import SkipCounter
-from semifer.faces.align import CROP_SIZE, align_face
+from semifer.faces.align import CROP_SIZE, crop_face
 from semifer.faces.detectors import build_detector
 from semifer.faces.media import Media, MediaError, expand_inputs, iter_frames
 
@@ -92,7 +92,7 @@ def process_source(media: Media, detector, out: Path, every: int = 1, ext: str =
             for k, face in enumerate(faces):
                 rel = f"crops/{sub}/{index:06d}_{k}.{ext}"
                 (out / "crops" / sub).mkdir(parents=True, exist_ok=True)
-                _atomic_image(align_face(rgb, face.landmarks, face.scheme, size, frame), out / rel, quality)
+                _atomic_image(crop_face(rgb, face, size, frame), out / rel, quality)
                 rows.append([media.path, index, f"{ts:.3f}", k, rel, f"{face.score:.4f}",
                              *(f"{v:.1f}" for v in face.box), *(f"{v:.2f}" for v in face.landmarks.ravel()),
                              face.scheme])

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from semifer.data.decode import decode_image
-from semifer.faces.align import CROP_SIZE, UPRIGHT_FRAMES, align_face
+from semifer.faces.align import CROP_SIZE, UPRIGHT_FRAMES, crop_face
 from semifer.faces.detectors import Face, build_detector
 from semifer.infer.onnx_export import load_classifier
 from semifer.labels import ABAW_LABELS
@@ -132,11 +132,12 @@ class Predictor:
         return faces, self.crops(image, faces)
 
     def crops(self, image: np.ndarray, faces: list[Face]) -> list[np.ndarray]:
-        """The faces' crops in the model's face frame: 112 px, or, in frames cut upright (FER2013's),
-        straight at the model's input size in one resampling (``whole`` faces: the image itself)."""
+        """The faces' crops in the model's face frame (``faces.align.crop_face``): 112 px, or, in frames
+        cut upright (FER2013's), straight at the model's input size in one resampling, from the
+        detector's box where its boxes were measured (``whole`` faces: the image itself)."""
         frame = getattr(self.classifier, "face_frame", "arcface112")
         size = int(self.classifier.image_size) if frame in UPRIGHT_FRAMES else CROP_SIZE
-        return [image if f.scheme == "whole" else align_face(image, f.landmarks, f.scheme, size, frame) for f in faces]
+        return [crop_face(image, f, size, frame) for f in faces]
 
     def classify(self, crops: list[np.ndarray]) -> np.ndarray:
         """Probabilities (N, 8) for aligned RGB crops, ``batch_size`` at a time."""

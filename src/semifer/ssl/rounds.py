@@ -107,6 +107,11 @@ class DTMRounds(Algorithm):
         self.holdout = None
         if cfg.round_consistency > 0:
             self.unlabeled_views = ("weak", "strong")
+        if not 0.0 <= cfg.round_ensemble < 1.0:
+            raise ValueError(f"ssl.round_ensemble must be in [0, 1), got {cfg.round_ensemble}")
+        if cfg.round_ensemble > 0 and (cfg.pseudo_targets != "soft" or cfg.round_partition):
+            raise ValueError("ssl.round_ensemble averages the rounds' soft targets over every face: it needs "
+                             "pseudo_targets: soft and no round_partition")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Buffers that exist only with an option, missing from a checkpoint made without it (a
@@ -151,6 +156,10 @@ class DTMRounds(Algorithm):
         probs = ctx.logits(self.unlabeled.images, flip=flip).softmax(1).to(self.targets.device)
         self.policy.adapt_prior(probs)
         q = self.policy.calibrated(probs)
+        if self.cfg.round_ensemble > 0 and int(self.round) >= 0:
+            # soft targets hold the previous round's (averaged) calibrated probabilities of every face
+            a = self.cfg.round_ensemble
+            q = (1 - a) * q + a * self.targets.to(q.device, q.dtype)
         # round_partition: only this round's part is labeled (faces the teacher never trained on)
         fresh = (self.part.to(q.device) == r) if self.cfg.round_partition else torch.ones(len(q), dtype=torch.bool, device=q.device)
         self.policy.set_histogram(q[fresh])
