@@ -65,6 +65,20 @@ def test_onnx_matches_torch(run_dir, onnx_path):
     assert np.abs(logits - onnx_logits).max() < 1e-4
 
 
+def test_torch_classifier_runs_channels_last_with_unchanged_outputs(run_dir):
+    from semifer.eval.report import load_model
+    from semifer.infer.onnx_export import TorchClassifier
+
+    t = TorchClassifier(run_dir)
+    conv = next(m for m in t.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain, _, _ = load_model(run_dir)   # the same checkpoint, default (NCHW) layout
+    x = np.random.default_rng(1).random((3, 1, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(plain(torch.from_numpy(x)), 1).numpy()
+    assert np.abs(t(x) - expected).max() < 1e-5
+
+
 def test_predictor_api_torch_and_onnx(run_dir, onnx_path):
     img = astronaut(512)
     r = semifer.Predictor(run_dir).predict(img)

@@ -114,12 +114,16 @@ class TorchClassifier:
 
         self.path = resolve_checkpoint(path)
         self.model, cfg, _ = load_model(path, device)
+        # channels-last convolutions: about 27 % less time per face for the bundled CNNs on this
+        # project's CPU (docs/inference.md); the weights and the outputs are unchanged
+        self.model = self.model.to(memory_format=torch.channels_last)
         self.device = torch.device(device)
         self.image_size, self.channels, self.face_frame = cfg.data.image_size, cfg.data.channels, cfg.data.face_frame
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        logits = self.model(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device))
+        x = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)
+        logits = self.model(x.contiguous(memory_format=torch.channels_last))
         return torch.softmax(logits.float(), 1).cpu().numpy()
 
 
