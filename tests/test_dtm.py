@@ -588,3 +588,38 @@ def test_round_ensemble_averages_each_round_with_the_last_rounds_targets():
     torch.testing.assert_close(t1_off, own1_off, atol=2e-3, rtol=0)            # off: the round's teacher alone
     with pytest.raises(ValueError, match="soft"):
         ALGORITHMS.get("dtm_rounds")(SSLConfig(round_ensemble=0.5, pseudo_targets="hard"), C, torch.ones(C), num_unlabeled=n)
+
+
+def test_pseudo_mixup_mixes_each_face_with_the_next_and_draws_the_same_weights_again():
+    from semifer.ssl.rounds import mix_pairs, mixup_weights
+    idx = torch.tensor([7, 3, 11, 3, 0, 42])
+    lam = mixup_weights(1.0, 5, idx)
+    assert lam.shape == (6,) and (lam >= 0.5).all() and (lam <= 1).all() and lam.std() > 0
+    assert torch.equal(lam, mixup_weights(1.0, 5, idx))              # what a resumed run draws
+    assert not torch.equal(lam, mixup_weights(1.0, 6, idx))          # a new step, new weights
+    x = torch.rand(6, 1, 4, 4)
+    t = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3, 4, 5]), 8).float()
+    xm, tm = mix_pairs(x, t, lam)
+    for i in range(6):
+        j = (i - 1) % 6                                              # partner: the previous face of the batch
+        torch.testing.assert_close(xm[i], lam[i] * x[i] + (1 - lam[i]) * x[j])
+        assert tm[i, i].item() == pytest.approx(lam[i].item()) and tm[i, j].item() == pytest.approx(1 - lam[i].item())
+    torch.testing.assert_close(tm.sum(1), torch.ones(6))
+
+
+def test_pseudo_mixup_trains_differently_and_resumes_mid_round_exactly(rounds_run, tiny_data, tmp_path):
+    def cfg(out):
+        return tiny_config(tiny_data, out, algorithm="dtm_rounds", steps=16, ssl={**ROUNDS, "pseudo_mixup": 1.0},
+                           run={"checkpoint_every": 4, "eval_every": 4})
+    full = semifer.train(cfg(tmp_path / "full"))
+    part = semifer.train(cfg(tmp_path / "part"), stop_after=15)   # stopped inside round 1, pseudo-labels in use
+    assert not part.completed
+    assert semifer.train(cfg(tmp_path / "part")).completed
+    _assert_same_state(full.run_dir / "checkpoints" / "last.pt", tmp_path / "part" / "checkpoints" / "last.pt")
+    a = load_checkpoint(full.run_dir / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(rounds_run.run_dir / "checkpoints" / "last.pt")["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)               # the option changed what was learned
+    from semifer.config import SSLConfig
+    for bad, match in (({"pseudo_mixup": -1.0}, ">= 0"), ({"pseudo_mixup": 1.0, "round_consistency": 1.0}, "round_consistency")):
+        with pytest.raises(ValueError, match=match):
+            ALGORITHMS.get("dtm_rounds")(SSLConfig(**bad), 8, torch.ones(8), num_unlabeled=10)

@@ -154,6 +154,11 @@ class SSLConfig:
     # the previous round's targets, q_r = (1 - a) q_r + a q_{r-1} (an ensemble of the round
     # teachers, as temporal ensembling), before thresholds and acceptance. 0 = off
     round_ensemble: float = 0.0
+    # dtm_rounds: mixup of the accepted faces with each other and of their targets (Arazo et al.,
+    # 2020: mixing keeps a student from fitting its teacher's wrong labels one face at a time).
+    # a > 0: each face is mixed with the next face of its batch at lambda = max(l, 1 - l), l ~
+    # Beta(a, a). 0 = off
+    pseudo_mixup: float = 0.0
     # FreeMatch only
     freematch_momentum: float = 0.999
     # Weight of FreeMatch's self-adaptive fairness loss (sign as published, ssl/losses.py); 0.001 is

@@ -73,6 +73,28 @@ def quota_thresholds(conf: torch.Tensor, pred: torch.Tensor, thr: torch.Tensor, 
     return out
 
 
+def mixup_weights(alpha: float, step: int, idx: torch.Tensor) -> torch.Tensor:
+    """Per-face mixing weights max(l, 1 - l), l ~ Beta(alpha, alpha), (B,): drawn from a generator
+    seeded by the step and the batch's face indices, so a resumed run (and each DDP rank) draws
+    exactly what the uninterrupted run drew."""
+    import numpy as np
+
+    from semifer.data.imageset import _mix
+
+    rng = np.random.default_rng(_mix(step, len(idx), *idx[:8].tolist(), 0x3D))
+    lam = torch.from_numpy(rng.beta(alpha, alpha, size=len(idx))).float()
+    return torch.maximum(lam, 1 - lam)
+
+
+def mix_pairs(x: torch.Tensor, target: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each face mixed with the next one of the batch (the batch is a random draw, so that is a
+    random partner) and its target likewise; ``lam`` >= 0.5 keeps each face the larger part."""
+    lam = lam.to(x.device)
+    lx = lam.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    mixed = lx * x + (1 - lx) * x.roll(1, 0)
+    return mixed, lam[:, None] * target + (1 - lam[:, None]) * target.roll(1, 0)
+
+
 @ALGORITHMS.register("dtm_rounds")
 class DTMRounds(Algorithm):
     """Self-training in rounds with DTM thresholds (docs/method.md, "DTM in rounds")."""
@@ -109,6 +131,11 @@ class DTMRounds(Algorithm):
             self.unlabeled_views = ("weak", "strong")
         if not 0.0 <= cfg.round_ensemble < 1.0:
             raise ValueError(f"ssl.round_ensemble must be in [0, 1), got {cfg.round_ensemble}")
+        if cfg.pseudo_mixup < 0:
+            raise ValueError(f"ssl.pseudo_mixup must be >= 0 (0 = off), got {cfg.pseudo_mixup}")
+        if cfg.pseudo_mixup > 0 and cfg.round_consistency > 0:
+            raise ValueError("ssl.pseudo_mixup mixes the accepted faces of a batch; it does not combine with "
+                             "round_consistency, whose batch is half uniform draws")
         if cfg.round_ensemble > 0 and (cfg.pseudo_targets != "soft" or cfg.round_partition):
             raise ValueError("ssl.round_ensemble averages the rounds' soft targets over every face: it needs "
                              "pseudo_targets: soft and no round_partition")
@@ -260,6 +287,9 @@ class DTMRounds(Algorithm):
         if "x_us" not in batch:
             return super().step(student, teacher, batch, step)
         x_l, y_l, x_us, idx = batch["x_l"], batch["y_l"], batch["x_us"], batch["idx_u"]
+        target = None   # with round_consistency, only the accepted half of the batch has targets (below)
+        if self.cfg.pseudo_mixup > 0:
+            x_us, target = mix_pairs(x_us, self.targets[idx].float(), mixup_weights(self.cfg.pseudo_mixup, step, idx))
         logits = student(torch.cat([x_l, x_us]))
         logits_l, logits_u = logits[:x_l.shape[0]], logits[x_l.shape[0]:].float()
         extra: Logs = {}
@@ -275,7 +305,8 @@ class DTMRounds(Algorithm):
             logits_u, idx = logits_u[0::2], idx[0::2]
             if batch.get("y_u_true") is not None:
                 batch = {**batch, "y_u_true": batch["y_u_true"][0::2]}
-        target = self.targets[idx].float()
+        if target is None:
+            target = self.targets[idx].float()
         loss_x = self.labeled_loss(logits_l, y_l)
         adjusted = logits_u + self.stream_log_ratio if self.cfg.stream_prior_correction else logits_u
         loss_u = -(target * adjusted.log_softmax(1)).sum(1).mean()
