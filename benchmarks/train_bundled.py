@@ -25,7 +25,9 @@ held-out face pasted into a photo, found by the detector and cropped by predict'
 (``benchmarks/pasted_faces.py --split RUN/split.json --cache FACES.npz`` detects them once; a face
 not found counts as wrong). The choice then maximises the mean of the two views' macro-F1 (7):
 FER2013's own framing, which the model card scores, and new photos, which users predict.
-4. Packs the weights + config + card into ``src/semifer/bundled/<name>.pt`` (``semifer models``).
+4. Packs the weights + config + card into ``src/semifer/bundled/<name>.pt`` (``semifer models``);
+   ``--weights int8`` stores the conv and linear weights as int8 with per-channel scales (a quarter
+   of float32; the default float16 is half).
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def main() -> None:
                     help="also choose on the held-out faces pasted into photos, as predict crops them (see above)")
     ap.add_argument("--ensemble", nargs="+", metavar="MEMBER",
                     help="pack these finished models as one ensemble (no training); CONFIG's run gives the held-out split")
+    ap.add_argument("--weights", choices=("float32", "float16", "int8"), default="float16",
+                    help="how the packed file stores the large weight tensors (semifer.bundled.storage_state)")
     a = ap.parse_args()
     import numpy as np
 
@@ -76,7 +80,8 @@ def main() -> None:
     source = run
     if a.ensemble:
         source = ensemble_checkpoint(members, run / f"ensemble_{a.name}.pt", weights)
-    path = pack(source, a.name, {}, face_frame=cfg.data.face_frame, head_bias=bias, mirror_average=mirror)
+    path = pack(source, a.name, {}, face_frame=cfg.data.face_frame, head_bias=bias, mirror_average=mirror,
+                weights=a.weights)
     raw, s = evaluate_path(source, data=cfg.data.test), evaluate_path(path, data=cfg.data.test)
     present = [n for n, row in zip(ABAW_LABELS, s["confusion"]) if sum(row) > 0]
 
@@ -100,7 +105,9 @@ def main() -> None:
         "per_class_f1_without_adjustment": {n: raw["per_class_f1"][n] for n in present},
         "command": f"python benchmarks/train_bundled.py --config {shown}"
                    + (f" --name {a.name} --ensemble {' '.join(a.ensemble)}" if a.ensemble else "")
-                   + (f" --pasted {shown_name(a.pasted)}" if a.pasted else ""),
+                   + (f" --pasted {shown_name(a.pasted)}" if a.pasted else "")
+                   + (f" --weights {a.weights}" if a.weights != "float16" else ""),
+        "weights_stored_as": a.weights,
         "train_seconds": results.get("wall_s"),
         "best_step": results.get("best_step"),
         **({"ensemble": {"members": names, "weights": weights,
@@ -112,7 +119,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bundled_{a.name}.json").write_text(json.dumps({**card, "confusion": s["confusion"]}, indent=1))
     plot_confusion(s["confusion"], out / f"bundled_{a.name}_confusion.png", title=f"{a.name} on fer2013/val")
-    path = pack(source, a.name, card, face_frame=cfg.data.face_frame, head_bias=bias, mirror_average=mirror)
+    path = pack(source, a.name, card, face_frame=cfg.data.face_frame, head_bias=bias, mirror_average=mirror,
+                weights=a.weights)
     print(json.dumps(card["scores"]), "without adjustment:", json.dumps(card["scores_without_adjustment"]),
           f"-> {path} ({path.stat().st_size / 1e6:.1f} MB)")
 

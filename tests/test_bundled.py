@@ -147,7 +147,7 @@ def test_pack_stores_big_weights_as_float16_and_loads_them_as_float32(bundle_dir
     from semifer.engine.checkpoint import load_checkpoint
     from semifer.eval.report import load_model
 
-    full = bundled.pack(tmp_path / "run", "full", {}, bundle_dir, half=False)
+    full = bundled.pack(tmp_path / "run", "full", {}, bundle_dir, weights="float32")
     half = bundled.pack(tmp_path / "run", "half", {}, bundle_dir)
     stored = load_checkpoint(half)["model"]
     big = [k for k, v in stored.items() if v.is_floating_point() and v.numel() >= bundled.HALF_MIN_NUMEL]
@@ -161,6 +161,32 @@ def test_pack_stores_big_weights_as_float16_and_loads_them_as_float32(bundle_dir
     with torch.no_grad():
         a, b = m_full(x), m_half(x)
     assert not torch.equal(a, b) and torch.allclose(a, b, atol=1e-2, rtol=1e-2)
+
+
+def test_pack_int8_stores_big_weights_as_int8_with_channel_scales_and_loads_them_back(bundle_dir, tmp_path):
+    import torch
+
+    from semifer.eval.report import load_model
+
+    full = bundled.pack(tmp_path / "run", "full8", {}, bundle_dir, weights="float32")
+    small = bundled.pack(tmp_path / "run", "int8", {}, bundle_dir, weights="int8")
+    raw = torch.load(small, weights_only=True)
+    q = {k: v for k, v in raw["model"].items() if v.dtype == torch.int8}
+    assert q and set(q) == set(raw["weight_scales"])
+    ref = torch.load(full, weights_only=True)["model"]
+    for k, v in q.items():
+        assert v.abs().amax(dim=tuple(range(1, v.dim()))).eq(127).all()          # each output channel uses the range
+        back = v.float() * raw["weight_scales"][k]
+        assert (back - ref[k]).abs().max() <= raw["weight_scales"][k].max() / 2 + 1e-7   # within half a step
+    assert small.stat().st_size < 0.45 * full.stat().st_size
+    m_full, m_q = load_model(full)[0], load_model(small)[0]
+    assert all(p.dtype == torch.float32 for p in m_q.parameters())
+    x = torch.rand(4, 1, 24, 24)
+    with torch.no_grad():
+        a, b = m_full(x), m_q(x)
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=5e-2, rtol=5e-2)
+    with pytest.raises(ValueError, match="weights must be"):
+        bundled.pack(tmp_path / "run", "bad", {}, bundle_dir, weights="int4")
 
 
 def test_mirror_average_is_the_mean_of_both_views_at_inference_only(bundle_dir, tmp_path):
@@ -240,7 +266,7 @@ def test_an_ensemble_checkpoint_is_the_weighted_mean_of_its_members_everywhere(b
         want = 0.25 * load_model(a)[0](x) + 0.75 * load_model(b)[0](x)
         assert torch.allclose(ens(x), want, atol=1e-5)
         assert not torch.allclose(load_model(a)[0](x), load_model(b)[0](x), atol=1e-3)
-    named = bundled.pack(out, "ens", {"scores": {"accuracy": 0.1}}, bundle_dir, mirror_average=True, half=False)
+    named = bundled.pack(out, "ens", {"scores": {"accuracy": 0.1}}, bundle_dir, mirror_average=True, weights="float32")
     mirrored = load_model(named)[0]
     with torch.no_grad():
         assert torch.allclose(mirrored(x), (ens(x) + ens(x.flip(3))) / 2, atol=1e-5)

@@ -134,36 +134,46 @@ def ensemble_checkpoint(checkpoints: list, out: Path | str, weights: list[float]
     return Path(out)
 
 
-HALF_MIN_NUMEL = 1024   # tensors at least this big (conv / linear weights) are stored as float16
+HALF_MIN_NUMEL = 1024   # tensors at least this big (conv / linear weights) are stored compressed
+WEIGHT_STORAGE = ("float32", "float16", "int8")
 
 
-def storage_state(state: dict, half: bool = True) -> dict:
-    """A state dict as a bundled file stores it: contiguous, and with ``half`` every floating
-    tensor of at least ``HALF_MIN_NUMEL`` elements as float16. Biases and batch-norm statistics
-    stay float32 (a running variance can fall below float16's normal range). ``load_state_dict``
-    casts back to the model's float32, so inference is unchanged but for float16 rounding
-    (relative 5e-4 per weight)."""
+def storage_state(state: dict, weights: str = "float16") -> tuple[dict, dict]:
+    """(state, scales): a state dict as a bundled file stores it. Every floating tensor of at least
+    ``HALF_MIN_NUMEL`` elements is stored as ``weights``: float16 (relative rounding 5e-4), or
+    int8 with one float32 scale per output channel (``scales[key]``; symmetric, |w| max -> 127),
+    for tensors of two or more dimensions (conv and linear weights; others go float16). Biases and
+    batch-norm statistics stay float32 (a running variance can fall below float16's normal range).
+    :func:`semifer.engine.checkpoint.load_checkpoint` turns them back into float32."""
     import torch
 
-    def store(v: torch.Tensor) -> torch.Tensor:
-        if half and v.is_floating_point() and v.numel() >= HALF_MIN_NUMEL:
+    if weights not in WEIGHT_STORAGE:
+        raise ValueError(f"weights must be one of {WEIGHT_STORAGE}, got {weights!r}")
+    out, scales = {}, {}
+    for k, v in state.items():
+        if weights != "float32" and v.is_floating_point() and v.numel() >= HALF_MIN_NUMEL:
+            if weights == "int8" and v.dim() >= 2:
+                scale = v.abs().amax(dim=tuple(range(1, v.dim())), keepdim=True).float().clamp_min(1e-12) / 127
+                out[k] = (v.float() / scale).round().clamp(-127, 127).to(torch.int8)
+                scales[k] = scale
+                continue
             v = v.to(torch.float16)
-        return v.contiguous()
-
-    return {k: store(v) for k, v in state.items()}
+        out[k] = v.contiguous()
+    return out, scales
 
 
 def pack(checkpoint: Path | str, name: str, info: dict, folder: Path | None = None,
          face_frame: str | None = None, head_bias=None, mirror_average: bool | None = None,
-         half: bool = True) -> Path:
+         weights: str = "float16") -> Path:
     """Write the selected weights of a run (or checkpoint file) as bundled model ``name`` with card ``info``.
 
     ``face_frame`` overrides the checkpoint's: the frame describes the training crops and may be
     set on a run after its best checkpoint was written (it is resume-free). ``head_bias`` (one
     value per class) is added to the classifier's output bias, e.g. :func:`adjustment_bias`, so
     predict, evaluate and the ONNX export all apply it. ``mirror_average`` sets
-    ``model.mirror_average`` (logits averaged with the mirror image's at inference). ``half``
-    stores the large weight tensors as float16 (:func:`storage_state`): half the package size."""
+    ``model.mirror_average`` (logits averaged with the mirror image's at inference). ``weights``
+    is how the large weight tensors are stored (:func:`storage_state`): float16 halves the package,
+    int8 quarters it."""
     import torch
 
     from semifer.config import to_dict
@@ -180,6 +190,7 @@ def pack(checkpoint: Path | str, name: str, info: dict, folder: Path | None = No
         with torch.no_grad():
             model.head.bias += torch.as_tensor(head_bias, dtype=model.head.bias.dtype)
     out = (folder or BUNDLED_DIR) / f"{name}.pt"
-    atomic_save({"model": storage_state(model.state_dict(), half), "config": to_dict(cfg),
+    state, scales = storage_state(model.state_dict(), weights)
+    atomic_save({"model": state, **({"weight_scales": scales} if scales else {}), "config": to_dict(cfg),
                  "labels": list(ABAW_LABELS), "step": ck.get("step"), "card": dict(info)}, out)
     return out

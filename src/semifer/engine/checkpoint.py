@@ -51,4 +51,11 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         raise ValueError(f"{path} is not a readable semifer checkpoint: {e}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a semifer checkpoint (no 'model' entry)")
+    scales = ckpt.pop("weight_scales", None)
+    if scales:
+        # int8 weights of a bundled model (semifer.bundled.storage_state): back to float32
+        missing = [k for k in scales if k not in ckpt["model"]]
+        if missing:
+            raise ValueError(f"{path}: weight scales for tensors it does not hold: {missing[:3]}")
+        ckpt["model"] = {k: v.float() * scales[k].float() if k in scales else v for k, v in ckpt["model"].items()}
     return ckpt
