@@ -108,9 +108,11 @@ def main() -> None:
                    + (f" --pasted {shown_name(a.pasted)}" if a.pasted else "")
                    + (f" --weights {a.weights}" if a.weights != "float16" else ""),
         "weights_stored_as": a.weights,
-        "train_seconds": results.get("wall_s"),
-        "best_step": results.get("best_step"),
+        # an ensemble trains nothing itself: its cost is its members' (run clocks; trained one per core)
+        "train_seconds": None if a.ensemble else results.get("wall_s"),
+        "best_step": None if a.ensemble else results.get("best_step"),
         **({"ensemble": {"members": names, "weights": weights,
+                         "member_train_seconds": {n: member_seconds(m) for n, m in zip(names, a.ensemble)},
                          "member_scores": {n: summary(evaluate_path(m, data=cfg.data.test)) for n, m in zip(names, members)}}}
            if a.ensemble else {}),
         "licence": "FER2013 is for research use (ICML 2013 challenge, Kaggle terms); so are these weights",
@@ -123,6 +125,18 @@ def main() -> None:
                 weights=a.weights)
     print(json.dumps(card["scores"]), "without adjustment:", json.dumps(card["scores_without_adjustment"]),
           f"-> {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def member_seconds(member) -> float | None:
+    """Training wall time of an ensemble member: its run's results.json, or a bundled model's card."""
+    from semifer.bundled import available, card
+
+    p = Path(member)
+    if (p / "results.json").is_file():
+        return json.loads((p / "results.json").read_text()).get("wall_s")
+    if str(member) in available():
+        return card(str(member)).get("train_seconds")
+    return None
 
 
 def shown_name(member) -> str:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,3 +282,18 @@ def test_an_ensemble_checkpoint_is_the_weighted_mean_of_its_members_everywhere(b
     logits = sess.run(["logits"], {"images": x.numpy()})[0]
     with torch.no_grad():
         assert np.allclose(logits, mirrored(x).numpy(), atol=1e-4)
+
+
+def test_an_ensemble_card_reports_its_members_training_time_not_the_config_run(tmp_path):
+    """train_bundled's card: an ensemble trains nothing, so its cost is its members' run clocks."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_bundled.py"
+    spec = importlib.util.spec_from_file_location("train_bundled_script", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = tmp_path / "member_run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"wall_s": 1234.5, "best_step": 9}))
+    assert mod.member_seconds(run) == 1234.5
+    assert mod.member_seconds(tmp_path / "missing_run") is None

@@ -33,6 +33,24 @@ def test_class_balanced_weights_are_inverse_frequency():
         supervised_loss(logits, torch.tensor([0, 1]), counts, "bogus")
 
 
+def test_label_smoothing_matches_the_hand_computed_mixed_target_and_reaches_the_algorithm():
+    from semifer.ssl import build_algorithm
+
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    y = torch.tensor([0])
+    e = 0.1
+    logp = logits.log_softmax(1)[0]
+    # target: (1 - e) on the true class + e / C on every class
+    expected = -((1 - e) * logp[0] + (e / 3) * logp.sum()).item()
+    counts = torch.tensor([5, 3, 2])
+    assert supervised_loss(logits, y, counts, "none", e).item() == pytest.approx(expected, rel=1e-6)
+    assert supervised_loss(logits, y, counts, "none", e).item() > supervised_loss(logits, y, counts).item()
+    algo = build_algorithm(SSLConfig(algorithm="supervised"), 3, counts, None, label_smoothing=e)
+    assert algo.labeled_loss(logits, y).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        build_algorithm(SSLConfig(algorithm="supervised"), 3, counts, None, label_smoothing=1.0)
+
+
 def test_masked_loss_averages_over_all_unlabeled_samples():
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     pseudo = torch.tensor([0, 0])

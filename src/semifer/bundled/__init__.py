@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 BUNDLED_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL = "fer2013-cnn24x6"
+DEFAULT_MODEL = "fer2013-cnn32x2"
 MODEL_SUFFIXES = {".pt", ".pth", ".onnx"}
 
 

@@ -104,7 +104,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, device: torch.device, amp: torch.
     if dist.is_main():
         describe_sources(cfg, labeled, val, holdout, unlabeled, num_unlabeled)
     algo = build_algorithm(cfg.ssl, C, labeled.class_counts(C), num_unlabeled=num_unlabeled,
-                           imbalance=cfg.optim.imbalance).to(device)
+                           imbalance=cfg.optim.imbalance, label_smoothing=cfg.optim.label_smoothing).to(device)
     algo.bind(unlabeled=unlabeled, holdout=holdout)
     fused = device.type == "cuda"  # fused optimizer kernels on CUDA; CPU keeps its (bit-exact) default
     opt = make_optimizer(cfg.optim, model, fused=fused)

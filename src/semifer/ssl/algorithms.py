@@ -30,6 +30,7 @@ class Algorithm(nn.Module):
     uses_unlabeled = False
     uses_holdout = False                  # needs a held-out slice of the labeled set (ssl.holdout_fraction)
     unlabeled_views = ("weak", "strong")  # which augmented views of the unlabeled batch a step reads
+    label_smoothing = 0.0                 # of the labeled loss (optim.label_smoothing; build_algorithm sets it)
 
     def __init__(self, cfg: SSLConfig, num_classes: int, labeled_counts: torch.Tensor,
                  num_unlabeled: int | None = None, imbalance: str = "none") -> None:
@@ -62,7 +63,7 @@ class Algorithm(nn.Module):
         return False
 
     def labeled_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return supervised_loss(logits, y, self.labeled_counts, self.imbalance)
+        return supervised_loss(logits, y, self.labeled_counts, self.imbalance, self.label_smoothing)
 
     def step(self, student: nn.Module, teacher: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, Logs]:
         loss = self.labeled_loss(student(batch["x_l"]), batch["y_l"])
@@ -222,6 +223,10 @@ class DTMFlex(PseudoLabelAlgorithm):
 
 
 def build_algorithm(cfg: SSLConfig, num_classes: int, labeled_counts: torch.Tensor,
-                    num_unlabeled: int | None, imbalance: str = "none") -> Algorithm:
+                    num_unlabeled: int | None, imbalance: str = "none", label_smoothing: float = 0.0) -> Algorithm:
     """Instantiate the registered algorithm ``cfg.algorithm``."""
-    return ALGORITHMS.get(cfg.algorithm)(cfg, num_classes, labeled_counts, num_unlabeled, imbalance)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"optim.label_smoothing must be in [0, 1), got {label_smoothing}")
+    algo = ALGORITHMS.get(cfg.algorithm)(cfg, num_classes, labeled_counts, num_unlabeled, imbalance)
+    algo.label_smoothing = label_smoothing
+    return algo

@@ -6,24 +6,26 @@ import torch.nn.functional as F
 
 
 def supervised_loss(logits: torch.Tensor, target: torch.Tensor, labeled_counts: torch.Tensor,
-                    imbalance: str = "none") -> torch.Tensor:
+                    imbalance: str = "none", label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy on labeled data, optionally corrected for class imbalance.
 
     ``logit_adjust``: CE(logits + log prior) (Menon et al., 2021), so the trained
     logits estimate balanced posteriors; ``class_balanced``: per-class weights
     proportional to 1 / count, normalised to mean 1 over present classes.
+    ``label_smoothing`` = e: the target is (1 - e) one-hot + e / C (Szegedy et al., 2016).
     """
+    ls = label_smoothing
     if imbalance == "none":
-        return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, label_smoothing=ls)
     counts = labeled_counts.to(logits.device, torch.float32)
     if imbalance == "logit_adjust":
         prior = (counts + 1e-3) / (counts + 1e-3).sum()
-        return F.cross_entropy(logits + prior.log().to(logits.dtype), target)
+        return F.cross_entropy(logits + prior.log().to(logits.dtype), target, label_smoothing=ls)
     if imbalance == "class_balanced":
         present = counts > 0
         w = torch.where(present, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
         w = w * present.sum() / w.sum().clamp_min(1e-12)
-        return F.cross_entropy(logits, target, weight=w.to(logits.dtype))
+        return F.cross_entropy(logits, target, weight=w.to(logits.dtype), label_smoothing=ls)
     raise ValueError(f"unknown imbalance option {imbalance!r}")
 
 
