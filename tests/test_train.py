@@ -100,3 +100,28 @@ def test_labeled_augment_chooses_the_labeled_view(tiny_data, tmp_path, monkeypat
                       data={"labeled_augment": view})
     semifer.train(cfg)
     assert seen == [(view, 16), (view, 16)]  # one labeled batch of 16 per step, in the chosen view
+
+
+@pytest.mark.parametrize("erase", [0.0, 0.4])
+def test_labeled_erase_hides_a_square_of_each_labeled_face_only_when_on(tiny_data, tmp_path, monkeypatch, erase):
+    import semifer.engine.loop as loop
+
+    calls = []
+    real = loop.apply_cutout
+
+    def spy(x, gen, cutout, **k):
+        calls.append((len(x), cutout))
+        return real(x, gen, cutout, **k)
+
+    monkeypatch.setattr(loop, "apply_cutout", spy)
+    cfg = tiny_config(tiny_data, tmp_path / "r", algorithm="supervised", steps=2, data={"labeled_erase": erase})
+    semifer.train(cfg)
+    # off: no call, so runs without it draw the same random stream as before the option existed
+    assert calls == ([] if erase == 0 else [(16, erase), (16, erase)])
+
+
+def test_labeled_erase_out_of_range_is_a_config_error(tiny_data, tmp_path):
+    from semifer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="labeled_erase"):
+        tiny_config(tiny_data, tmp_path / "r", algorithm="supervised", steps=2, data={"labeled_erase": 1.5})

@@ -45,6 +45,10 @@ class DataConfig:
     # on top (for long fully supervised schedules, where a weak view lets the model memorise);
     # reframe = weak + zoom and rotation jitter (a face detector's crop of new photos, no photometric ops)
     labeled_augment: Literal["weak", "strong", "reframe"] = "weak"
+    # Random erasing on top of the labeled view: one grey square per face, side uniform in
+    # [0, labeled_erase) x the image side (augment.apply_cutout); it hides part of the face so the
+    # model cannot lean on one region (Zhong et al. 2020). 0 = off (no random draws either).
+    labeled_erase: float = 0.0
     # Where the training crops put the face (faces/align.py FRAMES): predict, prepare and the
     # exported model crop new faces the same way. arcface112 = semifer prepare's aligned crops.
     face_frame: str = "arcface112"
@@ -348,6 +352,8 @@ def resolve_data(cfg: TrainConfig) -> TrainConfig:
         d.unlabeled = d.unlabeled or list(DEMO_SOURCES["unlabeled"])
         d.val = d.val or DEMO_SOURCES["val"]
         d.test = d.test or DEMO_SOURCES["test"]
+    if not 0.0 <= d.labeled_erase <= 1.0:
+        raise ConfigError(f"data.labeled_erase must be in [0, 1] (the erased square's largest side, a fraction of the image), got {d.labeled_erase}")
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if not d.val and d.val_fraction <= 0:

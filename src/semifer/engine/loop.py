@@ -13,7 +13,7 @@ from torch import nn
 
 from semifer import dist
 from semifer.config import TrainConfig, to_dict
-from semifer.data.augment import reframe_view, strong_view, weak_view
+from semifer.data.augment import apply_cutout, reframe_view, strong_view, weak_view
 from semifer.data.imageset import ImageSet, step_generator
 from semifer.engine.checkpoint import atomic_save
 from semifer.engine.guard import BufferSnapshot, NonFiniteGuard, NonFiniteTrainingError, all_finite
@@ -59,8 +59,10 @@ def run_steps(run: Run, state: TrainState, logger: RunLogger, end: int, bar=None
         gen, shard = step_generator(cfg.run.seed, step, 0, 0, device), (rank, world)
         # Pinned sources on CUDA: no copy below waits for the device (a pageable copy would).
         labeled_view = LABELED_VIEWS[cfg.data.labeled_augment]
-        batch = {"x_l": labeled_view(lb["x"].to(device, non_blocking=True), gen, shard=shard),
-                 "y_l": lb["y"].to(device, non_blocking=True)}
+        x_l = labeled_view(lb["x"].to(device, non_blocking=True), gen, shard=shard)
+        if cfg.data.labeled_erase > 0:  # drawn only when on, so runs without it keep their stream
+            x_l = apply_cutout(x_l, gen, cfg.data.labeled_erase, shard=shard)
+        batch = {"x_l": x_l, "y_l": lb["y"].to(device, non_blocking=True)}
         if run.unl_src is not None and algo.wants_unlabeled(step):
             ub = _unlabeled_batch(algo, run.unl_src, run.unlabeled, step, cfg, rank, world)
             xu = ub["x"].to(device, non_blocking=True)
