@@ -1,7 +1,7 @@
 """One FER2013 trial run: the benchmark's ``base_config`` plus JSON overrides (tuning, not the table).
 
     python benchmarks/fer2013_trial.py NAME ALGORITHM STEPS ['{"ssl": {"soft_mask": true}, "c": {...}, "frac": 0.1}'] \
-        [--data ../shared/data] [--out runs/trials] [--fork RUN_DIR]
+        [--data ../shared/data] [--out runs/trials] [--fork RUN_DIR] [--stop-after N]
 
 ``--fork RUN_DIR`` starts the trial from RUN_DIR's last checkpoint instead of step 0 (a stage-0
 checkpoint every trial with the same stage-0 config shares: its steps would compute the same).
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     ap.add_argument("--out", type=Path, default=Path("runs/trials"))
     ap.add_argument("--fork", type=Path, help="resume from a copy of this run directory's last checkpoint")
+    ap.add_argument("--stop-after", type=int, help="stop after this many steps (a resumable run: e.g. a stage-0 checkpoint to fork)")
     a = ap.parse_args()
     over = json.loads(a.overrides)
     c = {**bench.CONFIGS["cpu"], **over.pop("c", {})}
@@ -47,6 +48,10 @@ def main() -> None:
     cfg.run.progress = False
     if a.fork:
         fork(a.fork, Path(cfg.run.out), cfg)
+    if a.stop_after is not None:
+        res = train(cfg, stop_after=a.stop_after)
+        print(f"stopped after {a.stop_after} steps: {res.run_dir}")
+        return
     row = bench.scores(train(cfg))
     (a.out / f"{a.name}.json").write_text(json.dumps({"name": a.name, "overrides": a.overrides, **row}, indent=1))
     print(json.dumps({"name": a.name, **{k: v for k, v in row.items() if k != "per_class_f1"}}))

@@ -81,6 +81,32 @@ def test_tail_thresholds_held_out_evidence_by_hand():
     assert thr0.item() == pytest.approx(0.75) and est0.item() == pytest.approx(0.9)
 
 
+def test_held_out_evidence_down_only_vetoes_never_opens():
+    # The hand test's class 0 (calibrated tails .75 at edge .5, .9 at edge .75; target .8).
+    count = torch.tensor([[0., 0., 2., 2.]])
+    conf_sum = torch.tensor([[0., 0., 1.2, 1.8]])
+    held_n = torch.tensor([[0., 0., 4., 2.]])
+    # Held-out faces all right: "both" opens at .5 (posterior .9); "down" keeps the calibration's .75.
+    all_right = torch.tensor([[0., 0., 4., 2.]])
+    thr_b, _, _ = tail_thresholds(count, conf_sum, 0.8, 0.5, held_n, all_right, evidence=4.0, side="both")
+    thr_d, est_d, _ = tail_thresholds(count, conf_sum, 0.8, 0.5, held_n, all_right, evidence=4.0, side="down")
+    assert thr_b.item() == pytest.approx(0.5)
+    assert thr_d.item() == pytest.approx(0.75) and est_d.item() == pytest.approx(0.9)
+    # Held-out faces all wrong: edge .75 -> min(.9, 4 * .9 / 6) = .6, edge .5 -> min(.75, 3 / 10): closed.
+    thr_w, est_w, _ = tail_thresholds(count, conf_sum, 0.8, 0.5, held_n, torch.zeros(1, 4), evidence=4.0, side="down")
+    assert thr_w.item() == 1.0 and est_w.item() == 0.0
+    with pytest.raises(ValueError, match="evidence_side"):
+        PrecisionThreshold(3, holdout_evidence=4.0, evidence_side="up")
+
+
+def test_evidence_quota_scales_the_quota_of_classes_the_held_out_slice_barely_holds():
+    from semifer.ssl.rounds import evidence_scale
+    labels = torch.tensor([0] * 12 + [1] * 2 + [3] * 5)
+    assert evidence_scale(labels, 4, 10).tolist() == pytest.approx([1.0, 0.2, 0.0, 0.5])
+    with pytest.raises(ValueError, match="evidence_quota"):
+        ALGORITHMS.get("dtm_rounds")(semifer.config.SSLConfig(evidence_quota=10), 4, torch.ones(4), 10)
+
+
 def test_held_out_evidence_uses_the_calibrated_held_out_faces():
     """The policy histograms its calibrated held-out faces (predicted class, confidence, right or
     wrong) and its thresholds are tail_thresholds' Beta posterior over them."""
@@ -483,6 +509,7 @@ def test_quota_raises_only_the_classes_over_their_share_to_their_kth_best_face()
     thr = torch.tensor([0.5, 0.5, 1.0])
     out = quota_thresholds(conf, pred, thr, torch.tensor([3, 5, 4]))
     assert out.tolist() == pytest.approx([0.7, 0.5, 1.0])   # class 0: 5 above 0.5, quota 3 -> its 3rd best; 1 under quota; 2 closed
+    assert quota_thresholds(conf, pred, thr, torch.tensor([0, 5, 4])).tolist() == pytest.approx([1.0, 0.5, 1.0])  # quota 0 closes
     assert int(((conf >= out[pred]) & (pred == 0)).sum()) == 3
 
 
@@ -500,6 +527,22 @@ def test_max_class_share_caps_the_easy_class_in_a_round(tiny_data, tmp_path):
     assert acc.sum() < 0.6 * n
     recs = [r for r in read_metrics(res.run_dir) if r["kind"] == "round"]
     assert recs and any(0.0 < t < 1.0 for t in recs[-1]["thresholds"])
+
+
+def test_evidence_quota_shrinks_what_a_round_accepts_by_the_held_out_counts(tiny_data, tmp_path):
+    accepted = {}
+    for k in (0, 1000):
+        cfg = tiny_config(tiny_data, tmp_path / f"eq{k}", algorithm="dtm_rounds", steps=16,
+                          ssl={**ROUNDS, "max_class_share": 0.5, "precision_floor": 0.0, "target_precision": 0.01,
+                               "evidence_quota": k},
+                          run={"checkpoint_every": 8, "eval_every": 8})
+        res = semifer.train(cfg)
+        alg = load_checkpoint(res.run_dir / "checkpoints" / "last.pt")["algorithm"]
+        accepted[k] = torch.bincount(alg["pseudo"][alg["accepted"]], minlength=8)[:8]
+    # k = 1000 held-out faces per class is far more than the tiny slice holds: every quota
+    # shrinks to a few faces (or 0: that class closes), so far fewer faces pass than with the plain quota.
+    assert accepted[1000].sum() * 4 <= accepted[0].sum(), accepted
+    assert accepted[0].sum() > 0
 
 
 def test_round_partition_labels_each_part_once_and_keeps_earlier_labels(tiny_data, tmp_path):

@@ -121,6 +121,12 @@ class SSLConfig:
     # Weight, in faces, of the calibrated precision estimate against the held-out slice's own
     # count of right answers above each threshold (Beta posterior, docs/method.md); 0 = calibration only
     holdout_evidence: float = 0.0
+    # "down": the held-out evidence may only lower a class's estimate (a veto where the slice's
+    # faces called that class are wrong more often than calibrated), "both": the plain posterior
+    holdout_evidence_side: Literal["both", "down"] = "both"
+    # dtm_rounds with max_class_share: a class with fewer than k faces in the held-out slice gets
+    # its quota scaled by (its held-out faces) / k, since nothing checks its precision estimate. 0 = off
+    evidence_quota: int = 0
     hist_bins: int = 100            # bins of the per-class confidence histogram
     hist_momentum: float = 0.99     # EMA momentum of the histogram (online dtm)
     calib_every: int = 500          # online dtm: re-fit the calibration every N steps

@@ -67,7 +67,7 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 def tail_thresholds(count: torch.Tensor, conf_sum: torch.Tensor, target: float, floor: float,
                     held_count: torch.Tensor | None = None, held_right: torch.Tensor | None = None,
-                    evidence: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    evidence: float = 0.0, side: str = "both") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-class thresholds from (C, K) histograms of calibrated confidence (counts and sums of q).
 
     Returns (thresholds (C,), estimated precision of each class's accepted set (C,),
@@ -77,7 +77,9 @@ def tail_thresholds(count: torch.Tensor, conf_sum: torch.Tensor, target: float, 
     With ``evidence`` a > 0 and the held-out slice's (C, K) histograms of predicted class and
     confidence (``held_count``: faces, ``held_right``: of them right), the estimate at each t is
     the mean of a Beta posterior whose prior is the calibrated estimate worth a faces, updated
-    by the n held-out faces above t of which r are right: (a P + r) / (a + n).
+    by the n held-out faces above t of which r are right: (a P + r) / (a + n). With ``side``
+    "down" the posterior may only lower the estimate, min(P, (a P + r) / (a + n)): the held-out
+    faces can veto a class the calibration trusts, never open one further than it does.
     """
     C, K = count.shape
     edges = torch.arange(K, dtype=count.dtype, device=count.device) / K
@@ -87,7 +89,8 @@ def tail_thresholds(count: torch.Tensor, conf_sum: torch.Tensor, target: float, 
     if evidence > 0 and held_count is not None and held_right is not None:
         hn = held_count.to(prec).flip(1).cumsum(1).flip(1)
         hr = held_right.to(prec).flip(1).cumsum(1).flip(1)
-        prec = (evidence * prec + hr) / (evidence + hn)
+        post = (evidence * prec + hr) / (evidence + hn)
+        prec = torch.minimum(prec, post) if side == "down" else post
     ok = (prec >= target) & (n_tail > 0) & (edges >= floor - 1e-9)
     # Lowest qualifying bin per class (K where none qualifies).
     idx = torch.where(ok, torch.arange(K, device=count.device).expand(C, K), torch.full_like(ok, K, dtype=torch.long))
@@ -115,7 +118,8 @@ class PrecisionThreshold(ThresholdPolicy):
     update_before_mask = True
 
     def __init__(self, num_classes: int, target: float = 0.8, floor: float = 0.5, bins: int = 100,
-                 momentum: float = 0.99, prior_shift: bool = True, holdout_evidence: float = 0.0) -> None:
+                 momentum: float = 0.99, prior_shift: bool = True, holdout_evidence: float = 0.0,
+                 evidence_side: str = "both") -> None:
         super().__init__(num_classes)
         if not 0.0 < target <= 1.0 or not 0.0 <= floor < 1.0:
             raise ValueError(f"need 0 < target precision <= 1 and 0 <= floor < 1, got {target}, {floor}")
@@ -142,6 +146,9 @@ class PrecisionThreshold(ThresholdPolicy):
         self.holdout_evidence = float(holdout_evidence)
         if self.holdout_evidence < 0:
             raise ValueError(f"holdout_evidence must be >= 0, got {holdout_evidence}")
+        if evidence_side not in ("both", "down"):
+            raise ValueError(f"evidence_side must be 'both' or 'down', got {evidence_side!r}")
+        self.evidence_side = evidence_side
         if self.holdout_evidence > 0:
             self.register_buffer("held_count", torch.zeros(num_classes, bins))
             self.register_buffer("held_right", torch.zeros(num_classes, bins))
@@ -233,7 +240,7 @@ class PrecisionThreshold(ThresholdPolicy):
     def refresh(self) -> None:
         held = (self.held_count, self.held_right) if self.holdout_evidence > 0 else (None, None)
         thr, est, share = tail_thresholds(self.count, self.conf_sum, self.target, self.floor, *held,
-                                          evidence=self.holdout_evidence)
+                                          evidence=self.holdout_evidence, side=self.evidence_side)
         self.thr.copy_(thr)
         self.est_precision.copy_(est)
         self.accept_share.copy_(share)

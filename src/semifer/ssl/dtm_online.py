@@ -36,7 +36,8 @@ class DTM(PseudoLabelAlgorithm):
     def make_policy(self, cfg: SSLConfig, num_classes: int, num_unlabeled: int | None) -> ThresholdPolicy:
         return PrecisionThreshold(num_classes, cfg.target_precision, cfg.precision_floor, cfg.hist_bins,
                                   cfg.hist_momentum, prior_shift=cfg.prior_shift,
-                                  holdout_evidence=cfg.holdout_evidence)
+                                  holdout_evidence=cfg.holdout_evidence,
+                                         evidence_side=cfg.holdout_evidence_side)
 
     def bind(self, unlabeled=None, holdout=None) -> None:
         if holdout is None or len(holdout) == 0:

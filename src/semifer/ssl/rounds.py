@@ -63,14 +63,23 @@ def balanced_weights(pred: torch.Tensor, accepted: torch.Tensor, num_classes: in
 
 def quota_thresholds(conf: torch.Tensor, pred: torch.Tensor, thr: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
     """Per-class thresholds raised where a class would accept more than ``quota[c]`` faces: to the
-    confidence of its ``quota[c]``-th most confident face (ties may let a few more through)."""
+    confidence of its ``quota[c]``-th most confident face (ties may let a few more through); a
+    quota of 0 closes the class (threshold 1)."""
     out = thr.clone()
     for c in range(thr.numel()):
         q = conf[(pred == c) & (conf >= thr[c])]
         k = int(quota[c])
-        if thr[c] < 1.0 and q.numel() > k >= 1:
-            out[c] = torch.topk(q, k).values[-1]
+        if thr[c] < 1.0 and q.numel() > k:
+            out[c] = torch.topk(q, k).values[-1] if k >= 1 else 1.0
     return out
+
+
+def evidence_scale(holdout_labels: torch.Tensor, num_classes: int, k: int) -> torch.Tensor:
+    """Per-class quota factor min(1, n_c / k), n_c = the class's faces in the held-out slice: a
+    class the slice barely holds (FER2013 5 %: two disgust faces) has an unchecked precision
+    estimate, so it may accept only a share of its quota."""
+    n = torch.bincount(holdout_labels.long().cpu().clamp_min(0), minlength=num_classes)[:num_classes].float()
+    return (n / k).clamp(max=1.0)
 
 
 def mixup_weights(alpha: float, step: int, idx: torch.Tensor) -> torch.Tensor:
@@ -111,9 +120,12 @@ class DTMRounds(Algorithm):
                              "(wds:/recordio:/list:/stream:) need the online 'dtm' or `semifer pseudolabel`")
         if cfg.rounds < 1:
             raise ValueError(f"ssl.rounds must be >= 1 for dtm_rounds, got {cfg.rounds}")
+        if cfg.evidence_quota < 0 or (cfg.evidence_quota > 0 and cfg.max_class_share <= 0):
+            raise ValueError("ssl.evidence_quota (k >= 0) scales the per-class quota: it needs max_class_share > 0")
         self.policy = PrecisionThreshold(num_classes, cfg.target_precision, cfg.precision_floor, cfg.hist_bins,
                                          prior_shift=cfg.prior_shift,
-                                         holdout_evidence=cfg.holdout_evidence)
+                                         holdout_evidence=cfg.holdout_evidence,
+                                         evidence_side=cfg.holdout_evidence_side)
         self.register_buffer("round", torch.full((), -1, dtype=torch.long))
         self.register_buffer("targets", torch.zeros(num_unlabeled, num_classes, dtype=torch.float16))
         self.register_buffer("accepted", torch.zeros(num_unlabeled, dtype=torch.bool))
@@ -194,7 +206,10 @@ class DTMRounds(Algorithm):
         thr = self.policy.thresholds()
         if self.cfg.max_class_share > 0:
             prior = self.labeled_counts.float().cpu()
-            quota = (self.cfg.max_class_share * prior / prior.sum().clamp_min(1) * int(fresh.sum())).floor()
+            quota = self.cfg.max_class_share * prior / prior.sum().clamp_min(1) * int(fresh.sum())
+            if self.cfg.evidence_quota > 0:
+                quota = quota * evidence_scale(self.holdout.labels, self.num_classes, self.cfg.evidence_quota)
+            quota = quota.floor()
             f = fresh.cpu()
             capped = quota_thresholds(conf.cpu()[f], pred.cpu()[f], thr.cpu(), quota).to(thr.device)
             if not torch.equal(capped, thr):
