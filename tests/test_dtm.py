@@ -192,6 +192,18 @@ def test_fit_calibration_recovers_temperature_and_bias():
     t_f, b_f = fit_calibration(z[few], y[few], C, prior=0.0)
     t_p, b_p = fit_calibration(z[few], y[few], C)
     assert b_p.norm() < 0.5 * b_f.norm() and abs(t_p.log().item()) < abs(t_f.log().item())
+    # bias_prior shrinks the biases alone: 150 faces, a bias prior worth 10,000 faces -> b near 0,
+    # T still fitted (the temperature keeps its own, default prior).
+    some = torch.arange(150)
+    t_s, b_s = fit_calibration(z[some], y[some], C)
+    t_b, b_b = fit_calibration(z[some], y[some], C, bias_prior=10000.0)
+    assert b_b.norm() < 0.05 * b_s.norm() and b_b.norm() < 0.02
+    assert t_b.item() == pytest.approx(T, abs=0.6)
+    pol = PrecisionThreshold(C, bias_prior=10000.0, prior_shift=False)
+    pol.calibrate(z[some], y[some])
+    assert torch.allclose(pol.bias, b_b) and torch.allclose(pol.temperature, t_b)
+    with pytest.raises(ValueError, match="bias_prior"):
+        PrecisionThreshold(C, bias_prior=-1.0)
     # Nothing held out: the identity calibration.
     t0, b0 = fit_calibration(torch.empty(0, C), torch.empty(0, dtype=torch.long), C)
     assert t0.item() == 1.0 and torch.equal(b0, torch.zeros(C))

@@ -127,6 +127,10 @@ class SSLConfig:
     # dtm_rounds with max_class_share: a class with fewer than k faces in the held-out slice gets
     # its quota scaled by (its held-out faces) / k, since nothing checks its precision estimate. 0 = off
     evidence_quota: int = 0
+    # Weight, in held-out faces, of the zero-mean prior on the calibration's per-class biases
+    # (docs/method.md): more = per-class biases shrunk harder toward 0 (a rare class's few held-out
+    # faces then move its bias less)
+    calibration_bias_prior: float = 8.0
     hist_bins: int = 100            # bins of the per-class confidence histogram
     hist_momentum: float = 0.99     # EMA momentum of the histogram (online dtm)
     calib_every: int = 500          # online dtm: re-fit the calibration every N steps

@@ -32,7 +32,7 @@ MAX_SHIFT = 3.0  # largest factor by which the label-shift correction may move a
 
 
 def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, prior: float = 8.0,
-                    iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+                    iters: int = 100, bias_prior: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature T and per-class bias b minimising NLL of softmax(logits / T + b) on (logits, labels).
 
     A zero-mean Gaussian prior on b and log T, worth ``prior`` held-out faces, keeps the
@@ -41,6 +41,8 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
     identity while 1,400 (FER2013 at 5 %) are fitted almost freely. Without it, 16 faces gave
     a bias of -0.7 against Neutral and T = 0.67, and the thresholds then let through
     pseudo-labels that were 10-35 % right at an estimated 80 %.
+    ``bias_prior`` (default ``prior``) weighs the biases' prior alone: a class with a handful
+    of held-out faces otherwise gets a bias fitted to them, which the unlabeled faces need not share.
     Runs on the CPU in float64 (C + 1 parameters).
     """
     z = logits.detach().double().cpu()
@@ -51,10 +53,12 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
         return torch.ones(1), torch.zeros(num_classes)
     opt = torch.optim.LBFGS([log_t, bias], lr=0.5, max_iter=iters, line_search_fn="strong_wolfe")
     weight = prior / z.shape[0]
+    bias_weight = (prior if bias_prior is None else bias_prior) / z.shape[0]
 
     def closure():
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(z / log_t.exp() + bias, y) + weight * ((bias ** 2).sum() + (log_t ** 2).sum())
+        loss = (nn.functional.cross_entropy(z / log_t.exp() + bias, y) + bias_weight * (bias ** 2).sum()
+                + weight * (log_t ** 2).sum())
         loss.backward()
         return loss
 
@@ -119,7 +123,7 @@ class PrecisionThreshold(ThresholdPolicy):
 
     def __init__(self, num_classes: int, target: float = 0.8, floor: float = 0.5, bins: int = 100,
                  momentum: float = 0.99, prior_shift: bool = True, holdout_evidence: float = 0.0,
-                 evidence_side: str = "both") -> None:
+                 evidence_side: str = "both", bias_prior: float = 8.0) -> None:
         super().__init__(num_classes)
         if not 0.0 < target <= 1.0 or not 0.0 <= floor < 1.0:
             raise ValueError(f"need 0 < target precision <= 1 and 0 <= floor < 1, got {target}, {floor}")
@@ -149,6 +153,9 @@ class PrecisionThreshold(ThresholdPolicy):
         if evidence_side not in ("both", "down"):
             raise ValueError(f"evidence_side must be 'both' or 'down', got {evidence_side!r}")
         self.evidence_side = evidence_side
+        if bias_prior < 0:
+            raise ValueError(f"bias_prior must be >= 0 held-out faces, got {bias_prior}")
+        self.bias_prior = float(bias_prior)
         if self.holdout_evidence > 0:
             self.register_buffer("held_count", torch.zeros(num_classes, bins))
             self.register_buffer("held_right", torch.zeros(num_classes, bins))
@@ -196,7 +203,7 @@ class PrecisionThreshold(ThresholdPolicy):
     @torch.no_grad()
     def calibrate(self, holdout_logits: torch.Tensor, holdout_labels: torch.Tensor) -> None:
         """Fit T and b on the held-out slice; record each class's held-out precision at its threshold."""
-        t, b = fit_calibration(holdout_logits, holdout_labels, self.num_classes)
+        t, b = fit_calibration(holdout_logits, holdout_labels, self.num_classes, bias_prior=self.bias_prior)
         self.temperature.copy_(t.to(self.temperature.device))
         self.bias.copy_(b.to(self.bias.device))
         counts = torch.bincount(holdout_labels.long().cpu(), minlength=self.num_classes)[:self.num_classes].float()

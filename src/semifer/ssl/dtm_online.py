@@ -37,7 +37,8 @@ class DTM(PseudoLabelAlgorithm):
         return PrecisionThreshold(num_classes, cfg.target_precision, cfg.precision_floor, cfg.hist_bins,
                                   cfg.hist_momentum, prior_shift=cfg.prior_shift,
                                   holdout_evidence=cfg.holdout_evidence,
-                                         evidence_side=cfg.holdout_evidence_side)
+                                         evidence_side=cfg.holdout_evidence_side,
+                                         bias_prior=cfg.calibration_bias_prior)
 
     def bind(self, unlabeled=None, holdout=None) -> None:
         if holdout is None or len(holdout) == 0:

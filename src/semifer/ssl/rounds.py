@@ -125,7 +125,8 @@ class DTMRounds(Algorithm):
         self.policy = PrecisionThreshold(num_classes, cfg.target_precision, cfg.precision_floor, cfg.hist_bins,
                                          prior_shift=cfg.prior_shift,
                                          holdout_evidence=cfg.holdout_evidence,
-                                         evidence_side=cfg.holdout_evidence_side)
+                                         evidence_side=cfg.holdout_evidence_side,
+                                         bias_prior=cfg.calibration_bias_prior)
         self.register_buffer("round", torch.full((), -1, dtype=torch.long))
         self.register_buffer("targets", torch.zeros(num_unlabeled, num_classes, dtype=torch.float16))
         self.register_buffer("accepted", torch.zeros(num_unlabeled, dtype=torch.bool))
